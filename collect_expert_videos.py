@@ -222,40 +222,195 @@ def _lqr_gain(env: DMCEnv, q_diag, r: float):
     return np.linalg.solve(R + Bk.T @ P @ Bk, Bk.T @ P @ Ak)
 
 
+def _upright_lqr_gain(env: DMCEnv, q_diag, r: float):
+    """`_lqr_gain` at the all-zero state (pole upright, at rest); the simulator state is put back afterwards."""
+    p = env.physics
+    saved = p.get_state().copy()
+    with p.reset_context():
+        p.data.qpos[:] = 0.0
+        p.data.qvel[:] = 0.0
+    K = _lqr_gain(env, q_diag, r)
+    p.set_state(saved)
+    p.forward()
+    return K
+
+
+def _pole_energy(model, body: int, angle: float, ang_vel: float) -> float:
+    """Energy of a pole swinging about its hinge, in units of m*g*l (l: hinge to centre of mass).
+
+    0 when resting upright (angle 0), -2 when resting hanging down."""
+    mass, l = model.body_mass[body], model.body_ipos[body][2]
+    inertia = model.body_inertia[body][1] + mass * l ** 2  # about the hinge (parallel-axis theorem)
+    return 0.5 * inertia * ang_vel ** 2 / (mass * -model.opt.gravity[2] * l) + np.cos(angle) - 1.0
+
+
+def _wrap(angle):
+    return (angle + np.pi) % (2 * np.pi) - np.pi
+
+
 class CartpoleExpert:
-    """Energy-pumping swing-up, then LQR around the upright (angle 0) with the cart centred."""
+    """Energy-pumping swing-up, then LQR around the upright with the cart centred.
+
+    Far from upright it accelerates the cart against (pole speed x cos(angle)), which feeds the pole
+    energy until it matches resting upright (the cart acceleration a changes it at the rate
+    -m l cos(angle) angle' a); weak PD keeps the cart near the middle of the rail. Within ~37 degrees
+    of upright an LQR on [x, angle, x', angle'] takes over. Balance starts upright, so only LQR acts.
+    """
 
     def __init__(self, env: DMCEnv):
         self.env = env
-        p = env.physics
-        saved = p.get_state().copy()
-        with p.reset_context():
-            p.data.qpos[:] = 0.0
-            p.data.qvel[:] = 0.0
-        self.K = _lqr_gain(env, [1.0, 10.0, 0.1, 0.1], 0.5)
-        p.set_state(saved)
-        p.forward()
-        # energy of the pole at rest upright, relative to its pivot
-        self.m_l = None
+        self.K = _upright_lqr_gain(env, [1.0, 10.0, 0.1, 0.1], 0.5)
 
     def __call__(self, obs):
         p = self.env.physics
-        x, th = p.data.qpos
-        xd, thd = p.data.qvel
-        th_wrapped = (th + np.pi) % (2 * np.pi) - np.pi
-        if np.cos(th) > 0.85:  # near upright: linear controller
-            err = np.array([x, th_wrapped, xd, thd])
-            return np.clip(-self.K @ err, -1, 1).astype(np.float32)
-        # pendulum energy (per unit m*l*g, up to constants): 0 at upright rest, -2 hanging
-        energy = 0.5 * thd ** 2 / 12.0 + (np.cos(th) - 1.0)
-        pump = np.sign(thd * np.cos(th) + 1e-6) * np.clip(-energy, -1, 1) * 1.0
-        centre = -0.4 * x - 0.2 * xd
-        return np.clip(np.array([pump + centre]), -1, 1).astype(np.float32)
+        (x, th), (xd, thd) = p.data.qpos, p.data.qvel
+        th = _wrap(th)
+        if np.cos(th) > 0.8:  # near upright: linear controller
+            return np.clip(-self.K @ np.array([x, th, xd, thd]), -1, 1).astype(np.float32)
+        energy = _pole_energy(p.model, 2, th, thd)
+        pump = 2.0 * -energy * -np.sign(thd * np.cos(th) + 1e-9)
+        return np.clip([pump - 0.3 * x - 0.3 * xd], -1, 1).astype(np.float32)
+
+
+class PendulumExpert:
+    """Energy pumping, then LQR.
+
+    The torque limit (1 Nm) is ~5x too weak to lift the 1 kg, 0.5 m pole directly, so while far from
+    upright it applies full torque along the swing whenever the pole's energy is below that of
+    resting upright (with a small margin for the joint damping); within ~25 degrees of upright an LQR
+    on [angle, angle'] catches and holds it.
+    """
+
+    def __init__(self, env: DMCEnv):
+        self.env = env
+        self.K = _upright_lqr_gain(env, [10.0, 0.1], 0.1)
+
+    def __call__(self, obs):
+        p = self.env.physics
+        th, thd = _wrap(p.data.qpos[0]), p.data.qvel[0]
+        if np.cos(th) > 0.9:
+            return np.clip(-self.K @ np.array([th, thd]), -1, 1).astype(np.float32)
+        energy = _pole_energy(p.model, 1, th, thd)
+        return np.clip([20.0 * (0.1 - energy) * np.sign(thd + 1e-9)], -1, 1).astype(np.float32)
+
+
+class ReacherExpert:
+    """Analytic two-link inverse kinematics for the target, then joint-space PD.
+
+    Of the two elbow solutions it takes the one nearer the current pose (the wrist range is +-160
+    degrees, so the elbow bend is capped at 155); the PD torque saturates at the actuator limit.
+    """
+
+    def __init__(self, env: DMCEnv):
+        self.env = env
+
+    def __call__(self, obs):
+        p = self.env.physics
+        q, qd = p.data.qpos, p.data.qvel
+        tx, ty = p.named.data.geom_xpos["target", :2]  # the arm's shoulder is at the origin
+        l1 = l2 = 0.12  # shoulder->wrist, wrist->fingertip
+        c2 = np.clip((tx * tx + ty * ty - l1 * l1 - l2 * l2) / (2 * l1 * l2), np.cos(np.radians(155)), 1.0)
+        errors = []
+        for q2 in (np.arccos(c2), -np.arccos(c2)):
+            q1 = np.arctan2(ty, tx) - np.arctan2(l2 * np.sin(q2), l1 + l2 * np.cos(q2))
+            errors.append(np.array([_wrap(q1 - q[0]), q2 - q[1]]))
+        err = min(errors, key=lambda e: np.abs(e).sum())
+        return np.clip(10.0 * err - 0.3 * qd, -1, 1).astype(np.float32)
+
+
+class PointMassExpert:
+    """PD control of the mass to the target: full push while far, no force (no control cost) once there."""
+
+    def __init__(self, env: DMCEnv):
+        self.env = env
+
+    def __call__(self, obs):
+        p = self.env.physics
+        err = p.named.data.geom_xpos["target", :2] - p.named.data.geom_xpos["pointmass", :2]
+        return np.clip(30.0 * err - 1.0 * p.data.qvel, -1, 1).astype(np.float32)
+
+
+class PongExpert:
+    """Intercept tracking from RAM, with the aim on the paddle picked by exact lookahead in the emulator.
+
+    The controller predicts where the ball crosses our paddle's column (unfolding the wall bounces)
+    and steers the paddle there (bang-bang with a deadband, damped by the paddle's speed). Where the
+    ball lands on the paddle sets the return angle, and mostly steep returns beat the built-in
+    opponent; but the paddle moves ~20 px per step, too coarse to place an edge hit reliably. So at
+    the start of each approach the expert clones the emulator (state and sticky-action RNG, which
+    makes the rollout exact), plays each candidate aim offset until the rally ends, restores the
+    state, and plays the aim whose rally ends best: a point won soonest, else a returned ball.
+    RAM: ball x = ram[49], ball y = ram[54], our paddle y = ram[51] (checked against the screen).
+    Keeps per-episode memory and detects a new episode by the emulator's frame counter going back.
+    """
+
+    BALL_X, BALL_Y, PADDLE_Y = 49, 54, 51
+    AIMS = (0, 6, -6, 10, -10, 3, -3)  # ball y minus paddle centre at the hit; the first is preferred on ties
+
+    def __init__(self, env: AtariEnv):
+        self.env, self.frame = env, -1
+        self.actions = env._env.unwrapped._action_set  # minimal set: NOOP, FIRE, RIGHT (up), LEFT (down), ...
+
+    def _ram(self):
+        ram = self.env.ale.getRAM()
+        return int(ram[self.BALL_X]), int(ram[self.BALL_Y]), int(ram[self.PADDLE_Y])
+
+    @staticmethod
+    def control(ball, prev_ball, paddle, prev_paddle, aim):
+        """Action index steering the paddle to the predicted crossing point (+ aim), or to the middle."""
+        (bx, by), target = ball, 125.0
+        if by > 0 and bx < 205 and prev_ball is not None and bx > prev_ball[0]:  # ball in play, coming at us
+            vx, vy = bx - prev_ball[0], by - prev_ball[1]
+            lo, hi = 46, 206  # ball y between the walls
+            y = (by + vy * (188 - bx) / vx - lo) % (2 * (hi - lo))  # at x 188 the ball touches our paddle
+            target = lo + min(y, 2 * (hi - lo) - y) - aim
+        err = paddle + 0.5 * (paddle - (prev_paddle or paddle)) + 6.5 - target  # paddle centre = ram + 6.5
+        return 2 if err > 8 else 3 if err < -8 else 0
+
+    def _rollout(self, aim, ball, paddle, horizon=160):
+        """Plays `control` with this aim from the current emulator state until the rally ends; returns its score."""
+        prev_ball, prev_paddle, returned = ball, paddle, False
+        for t in range(horizon):
+            bx, by, p = self._ram()
+            a = self.control((bx, by), prev_ball, p, prev_paddle, aim)
+            reward = sum(self.env.ale.act(self.actions[a]) for _ in range(self.env.frameskip))
+            if reward:
+                return reward * (horizon + 1 - t)  # win soon, lose late
+            if prev_ball is not None and by > 0:
+                returned |= bx < prev_ball[0]
+                if returned and bx > prev_ball[0]:
+                    return 1  # the opponent returned our ball: the rally goes on
+            prev_ball, prev_paddle = ((bx, by) if by > 0 and bx < 205 else None), p
+        return 0
+
+    def __call__(self, obs):
+        ale = self.env.ale
+        if ale.getEpisodeFrameNumber() < self.frame or self.frame < 0:  # a new episode started
+            self.ball, self.paddle, self.aim, self.planned = None, None, 0, False
+        self.frame = ale.getEpisodeFrameNumber()
+        bx, by, paddle = self._ram()
+        in_play = by > 0 and bx < 205
+        approaching = in_play and self.ball is not None and bx > self.ball[0]
+        if approaching and not self.planned:
+            state = ale.cloneState(include_rng=True)
+            scores = []
+            for aim in self.AIMS:
+                scores.append(self._rollout(aim, self.ball, self.paddle))
+                ale.restoreState(state)
+            self.aim, self.planned = self.AIMS[int(np.argmax(scores))], True
+        self.planned &= approaching
+        a = self.control((bx, by), self.ball, paddle, self.paddle, self.aim)
+        self.ball, self.paddle = ((bx, by) if in_play else None), paddle
+        return a
 
 
 def scripted_policy(env_id: str, env: gym.Env):
     """Returns obs -> action for env_id, or raises listing the env ids that have an expert."""
-    experts = {"dmc_cartpole_balance": CartpoleExpert, "dmc_cartpole_swingup": CartpoleExpert}
+    experts = {
+        "dmc_cartpole_balance": CartpoleExpert, "dmc_cartpole_swingup": CartpoleExpert,
+        "dmc_pendulum_swingup": PendulumExpert, "dmc_reacher_easy": ReacherExpert,
+        "dmc_point_mass_easy": PointMassExpert, "atari_pong": PongExpert,
+    }
     if env_id not in experts:
         raise ValueError(f"no scripted expert for {env_id!r}; scripted experts exist for: {', '.join(experts)}")
     return experts[env_id](env.unwrapped)
