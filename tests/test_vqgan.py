@@ -1,0 +1,231 @@
+"""train_vqgan.py: token shapes, straight-through gradients, learning, save/load, resume, bad inputs, DDP."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_vqgan as tv
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest (and reproducibly) on one thread on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, codebook_size=32, embed_dim=8)
+
+
+def synthetic_video(rng, T=8, size=64):
+    """Coloured rectangles on a gradient: simple enough for a tiny model to learn quickly."""
+    y, x = np.mgrid[:size, :size]
+    frames = []
+    for _ in range(T):
+        img = np.stack([x * 2, y * 2, np.full_like(x, 90)], -1).astype(np.float64)
+        for _ in range(2):
+            x0, y0 = rng.integers(0, size - 24, 2)
+            img[y0:y0 + 20, x0:x0 + 20] = rng.integers(0, 256, 3)
+        frames.append(img)
+    return np.clip(frames, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root, tasks=("task_a", "task_b"), episodes=2, T=8, seed=0):
+    rng = np.random.default_rng(seed)
+    for task in tasks:
+        for split, n in (("train", episodes), ("test", 1)):
+            os.makedirs(root / task / split, exist_ok=True)
+            for i in range(n):
+                np.savez_compressed(root / task / split / f"{i:06d}.npz", video=synthetic_video(rng, T),
+                                    reward=np.zeros(T, np.float32))
+    return root
+
+
+def tiny_args(data_dir, out_dir, **kw):
+    base = dict(data_dir=str(data_dir), output_dir=str(out_dir), batch_size=4, total_steps=4, lr=1e-3,
+                warmup_steps=1, disc_start=2, dead_code_steps=1, eval_every=1000, eval_frames=16, log_every=1,
+                cuda=False, seed=3, threads=1, **TINY)
+    base.update(kw)
+    return tv.Args(**base)
+
+
+@pytest.mark.parametrize("mult,hw", [((1, 2, 2, 2), 8), ((1, 2, 2), 16)])
+def test_encode_decode_shapes_and_chunking(mult, hw):
+    torch.manual_seed(0)
+    model = tv.VQGAN(64, 8, mult, 1, 16, 8).eval()
+    assert model.token_hw == (hw, hw)
+    frames = torch.randint(0, 256, (5, 64, 64, 3), dtype=torch.uint8)
+    codes = model.encode(frames)
+    assert codes.dtype == torch.long and codes.shape == (5, hw, hw)
+    assert codes.min() >= 0 and codes.max() < 16
+    assert torch.equal(model.encode(frames, chunk_size=2), codes)  # chunking changes nothing
+    assert model.encode(frames[:0]).shape == (0, hw, hw)
+    out = model.decode(codes)
+    assert out.dtype == torch.uint8 and out.shape == (5, 64, 64, 3)
+    with torch.inference_mode():
+        diff = (model.decode(codes, chunk_size=3).int() - out.int()).abs()
+        assert diff.max() <= 1  # batch size may change float rounding, never the picture
+    with pytest.raises(ValueError, match="uint8"):
+        model.encode(frames.float())
+
+
+def test_quantizer_picks_most_similar_code():
+    q = tv.Quantizer(10, 4)
+    z = F.normalize(q.codebook.weight[[3, 7, 7, 0]].detach() + 0.01, dim=-1)  # [4, D] near codes 3,7,7,0
+    codes = q(z.T.reshape(1, 4, 2, 2))
+    assert codes.flatten().tolist() == [3, 7, 7, 0]
+
+
+def test_gradients_reach_encoder_through_quantizer():
+    torch.manual_seed(0)
+    model = tv.VQGAN(64, 8, (1, 2, 2), 1, 16, 8)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    recon, z, e, codes = model(x)
+    (recon - x).abs().mean().backward()  # reconstruction only: codebook gets no gradient
+    assert model.encoder[0].weight.grad is not None and model.encoder[0].weight.grad.abs().sum() > 0
+    assert model.quantizer.codebook.weight.grad is None or model.quantizer.codebook.weight.grad.abs().sum() == 0
+
+
+def test_tiny_model_learns_and_checkpoint_round_trips(tmp_path):
+    data = make_dataset(tmp_path / "data", tasks=("only",), episodes=1, T=6)
+    # train = test here (same frames): we only ask that the loop learns to reconstruct
+    shutil.copy(data / "only" / "train" / "000000.npz", data / "only" / "test" / "000000.npz")
+    args = tiny_args(data, tmp_path / "run", total_steps=60, batch_size=6, disc_start=10_000, dead_code_steps=20,
+                     lr=3e-3, warmup_steps=5, base_channels=16, codebook_size=64, embed_dim=16)
+    frames, task_ids = tv.load_split(str(data), ["only"], "test", 64)
+    torch.manual_seed(args.seed)
+    untrained = tv.VQGAN(64, 16, args.channel_mult, 1, 64, 16)
+    before = tv.evaluate(untrained, frames, task_ids, ["only"])["psnr"]
+    res = tv.main(args)
+    assert res["psnr"] > before + 8, (before, res["psnr"])
+    assert os.path.exists(tmp_path / "run" / "reconstructions.png")
+
+    ckpt = torch.load(tmp_path / "run" / "vqgan.pt", weights_only=False)
+    for key in ("kind", "args", "model", "image_size", "token_hw", "codebook_size", "embed_dim", "channel_mult",
+                "tasks", "step"):
+        assert key in ckpt
+    assert ckpt["kind"] == "vqgan" and ckpt["step"] == 60 and tuple(ckpt["token_hw"]) == (8, 8)
+    assert ckpt["tasks"] == ["only"] and isinstance(ckpt["args"], dict) and "opt" not in ckpt
+    model = tv.load_vqgan(ckpt)
+    assert not model.training
+    again = tv.evaluate(model, frames, task_ids, ["only"])
+    assert again["psnr"] == pytest.approx(res["psnr"], abs=1e-6)  # the saved model is the trained one
+    assert torch.equal(model.encode(frames), tv.load_vqgan(ckpt).encode(frames))
+    with pytest.raises(ValueError, match="not a VQGAN checkpoint"):
+        tv.load_vqgan({"kind": "videogpt"})
+
+
+def test_resume_continues_at_saved_step_and_matches_uninterrupted_run(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    straight = tv.main(tiny_args(data, tmp_path / "a", total_steps=6))
+    tv.main(tiny_args(data, tmp_path / "b", total_steps=3))
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = tv.main(tiny_args(data, tmp_path / "b", total_steps=6, resume=True))
+    assert resumed["step"] == 6
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert b["step"] == 6
+    # --dead-code-steps 1: every code was either picked or restarted in the last step
+    assert (b["last_used"] == 5).all()
+    for k in a["model"]:  # same batches, optimiser state, GAN and dead-code restarts: same weights
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    assert straight["psnr"] == pytest.approx(resumed["psnr"], abs=1e-3)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        tv.main(tiny_args(data, tmp_path / "nothing_here", resume=True))
+
+
+def test_bad_inputs_give_errors_naming_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tv.find_tasks(str(tmp_path / "missing"), ())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no task folders"):
+        tv.find_tasks(str(tmp_path / "empty"), ())
+    data = make_dataset(tmp_path / "data", tasks=("task_a",))
+    with pytest.raises(FileNotFoundError, match=r"nope.*available: \['task_a'\]"):
+        tv.find_tasks(str(data), ("nope",))
+    # a task folder with no episode files: the error says what was searched
+    os.makedirs(data / "bare" / "train")
+    with pytest.raises(FileNotFoundError, match=r"\*\.npz/\*\.mp4/\*\.avi in .*bare.*train"):
+        tv.main(tiny_args(data, tmp_path / "run", tasks=("bare",)))
+
+    bad = data / "task_a" / "train"
+    np.savez(bad / "wrong_shape.npz", video=np.zeros((4, 64, 64), np.uint8))
+    with pytest.raises(ValueError, match="wrong_shape.npz.*uint8 \\[T,H,W,3\\]"):
+        tv.load_split(str(data), ["task_a"], "train", 64)
+    os.remove(bad / "wrong_shape.npz")
+    np.savez(bad / "no_video.npz", frames=np.zeros((4, 64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="no_video.npz"):
+        tv.load_split(str(data), ["task_a"], "train", 64)
+    os.remove(bad / "no_video.npz")
+    (bad / "corrupt.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="corrupt.npz"):
+        tv.load_split(str(data), ["task_a"], "train", 64)
+    os.remove(bad / "corrupt.npz")
+    (bad / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="broken.mp4"):
+        tv.load_split(str(data), ["task_a"], "train", 64)
+
+
+def test_reads_avi_and_resizes(tmp_path):
+    import cv2
+
+    folder = tmp_path / "data" / "cam" / "train"
+    folder.mkdir(parents=True)
+    np.savez(folder / "small.npz", video=np.full((3, 32, 32, 3), 200, np.uint8))
+    (folder / "partial.tmp.npz").write_bytes(b"interrupted write")  # skipped like collect_expert_videos leaves it
+    writer = cv2.VideoWriter(str(folder / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (48, 40))
+    for _ in range(5):
+        writer.write(np.full((40, 48, 3), (0, 0, 255), np.uint8))  # pure red in OpenCV's BGR
+    writer.release()
+    frames, task_ids = tv.load_split(str(tmp_path / "data"), ["cam"], "train", 64)
+    assert frames.shape == (8, 64, 64, 3) and frames.dtype == torch.uint8 and (task_ids == 0).all()
+    clip = frames[:5].float().mean((0, 1, 2))  # files are read in name order: clip.avi first
+    assert clip[0] > 200 and clip[2] < 50  # RGB order
+    assert (frames[5:] == 200).all()
+
+
+def test_perceptual_loss_from_weights_file(tmp_path):
+    torch.manual_seed(0)
+    vgg = tv.VGGPerceptual.__new__(tv.VGGPerceptual)  # build the layers only, to write a weights file
+    torch.nn.Module.__init__(vgg)
+    layers, c = [], 3
+    for v in tv.VGGPerceptual.CFG:
+        layers += [torch.nn.MaxPool2d(2)] if v == "M" else [torch.nn.Conv2d(c, v, 3, padding=1), torch.nn.ReLU()]
+        c = c if v == "M" else v
+    state = {f"features.{k}": v for k, v in torch.nn.Sequential(*layers).state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)  # torchvision files also hold the classifier: ignored
+    torch.save(state, tmp_path / "vgg16.pth")
+    loss_fn = tv.VGGPerceptual(str(tmp_path / "vgg16.pth"))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    y = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    assert loss_fn(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    loss = loss_fn(x, y)
+    loss.backward()
+    assert loss.item() > 0 and y.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss_fn.parameters())
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="other.pth.*VGG16"):
+        tv.VGGPerceptual(str(tmp_path / "other.pth"))
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(os.path.dirname(tv.__file__), "train_vqgan.py"), "--data-dir", str(data),
+           "--output-dir", str(out), "--total-steps", "3", "--batch-size", "2", "--disc-start", "1",
+           "--dead-code-steps", "1", "--eval-frames", "8", "--threads", "1", "--no-cuda",
+           "--base-channels", "8", "--codebook-size", "32", "--embed-dim", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    ckpt = torch.load(out / "vqgan.pt", weights_only=False)
+    assert ckpt["step"] == 3
+    tv.load_vqgan(ckpt)
