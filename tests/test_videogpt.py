@@ -1,0 +1,278 @@
+"""train_videogpt.py: the transformer, the VIPER reward, sampling, checkpoints and a smoke run."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train_videogpt as tv
+
+H, W = 3, 2  # tiny token grid
+VOCAB = 11
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: one thread is faster, and far faster when the 2 cores are shared (oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seq_len=4, num_classes=0, seed=0):
+    torch.manual_seed(seed)
+    return tv.VideoGPT(VOCAB, seq_len, (H, W), width=32, num_layers=2, num_heads=4, mlp_dim=64, dropout=0.1,
+                       num_classes=num_classes).eval()
+
+
+def random_codes(*shape, seed=1):
+    return torch.randint(VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_causality():
+    m = tiny_model(num_classes=2)
+    codes = random_codes(2, 4, H, W)
+    labels = torch.tensor([0, 1])
+    p = 13  # change token 13 (flattened); logits 0..13 must not move, later ones must
+    other = codes.clone().flatten(1)
+    other[:, p] = (other[:, p] + 1) % VOCAB
+    other = other.view_as(codes)
+    with torch.no_grad():
+        a, b = m(codes, labels), m(other, labels)
+    assert torch.equal(a[:, :p + 1], b[:, :p + 1])
+    assert (a[:, p + 1:] - b[:, p + 1:]).abs().amax() > 1e-4
+
+
+def naive_rewards(model, codes, label, seq_len, skip, mode):
+    """One window at a time, built by hand from the definition."""
+    B, T = codes.shape[:2]
+    out = torch.zeros(B, T)
+    for b in range(B):
+        for t in range(T):
+            frames = [t - j * skip for j in range(seq_len) if t - j * skip >= 0][::-1]
+            with torch.no_grad():
+                logp = model.frame_log_probs(codes[b:b + 1, frames], label)[0]
+            out[b, t] = logp[-1] if mode == "conditional" else logp.sum()
+    return out
+
+
+@pytest.mark.parametrize("skip", [1, 2])
+@pytest.mark.parametrize("mode", ["conditional", "joint"])
+def test_rewards_match_naive_window_loop(skip, mode):
+    L, T = 4, 9  # T > (L-1)*skip + 1, so first steps and full windows are both covered
+    m = tiny_model(L, num_classes=2)
+    rm = tv.RewardModel(m, torch.nn.Identity(), L, skip, {"a": 0, "b": 1}, max_tokens=5 * L * H * W)  # several passes
+    codes = random_codes(2, T, H, W)
+    r = rm.rewards_from_codes(codes, "b", mode)
+    ref = naive_rewards(m, codes, torch.tensor([1]), L, skip, mode)
+    assert r.shape == (2, T)
+    torch.testing.assert_close(r, ref, atol=1e-4, rtol=1e-5)
+    # first_step scores the tail only, with the earlier frames as context
+    torch.testing.assert_close(rm.rewards_from_codes(codes, "b", mode, first_step=6), ref[:, 6:], atol=1e-4, rtol=1e-5)
+    if mode == "conditional":  # step 0 is log p(x_0) alone; joint of a 1-frame window is the same number
+        torch.testing.assert_close(r[:, 0], rm.rewards_from_codes(codes, "b", "joint")[:, 0])
+
+
+def test_class_conditioning_and_unknown_task():
+    m = tiny_model(num_classes=2)
+    with torch.no_grad():  # a trained model would rely on it; an untrained one must at least see it
+        m.class_emb.weight.normal_(0, 1.0)
+    rm = tv.RewardModel(m, torch.nn.Identity(), 4, 1, {"dmc_a": 0, "dmc_b": 1})
+    codes = random_codes(1, 6, H, W)
+    ra, rb = rm.rewards_from_codes(codes, "dmc_a"), rm.rewards_from_codes(codes, "dmc_b")
+    assert (ra - rb).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match=r"dmc_c.*\['dmc_a', 'dmc_b'\]"):
+        rm.rewards_from_codes(codes, "dmc_c")
+    with pytest.raises(ValueError, match="reward mode"):
+        rm.rewards_from_codes(codes, "dmc_a", mode="bogus")
+
+
+def test_sample_shapes_and_kv_cache_equals_full_recompute():
+    m = tiny_model(seq_len=4, num_classes=2)
+    context = random_codes(3, 1, H, W)
+    labels = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        s = m.sample(context, 2, temperature=1.0, labels=labels, generator=torch.Generator().manual_seed(0))
+        assert s.shape == (3, 3, H, W) and s.dtype == torch.long
+        assert torch.equal(s[:, :1], context) and s.min() >= 0 and s.max() < VOCAB
+        greedy = m.sample(context, 3, temperature=0.0, labels=labels)
+        # reference: no cache, full forward over the sequence so far, argmax of the next token
+        seq = context.flatten(1)
+        for _ in range(3 * H * W):
+            padded = torch.cat([seq, torch.zeros(3, 4 * H * W - seq.shape[1], dtype=torch.long)], 1)
+            logits = m(padded.view(3, 4, H, W), labels)
+            seq = torch.cat([seq, logits[:, seq.shape[1]].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, seq.view(3, 4, H, W))
+    with pytest.raises(ValueError, match="exceed"):
+        m.sample(context, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# With a real (tiny) VQ-GAN checkpoint made by train_vqgan.py, and synthetic episodes.
+def make_episodes(root, tasks, splits, T=12, moving=True, seed=0):
+    """A white square on black: per task it moves right or down (expert-like); `moving=False` jumps at random."""
+    rng = np.random.default_rng(seed)
+    for ti, task in enumerate(tasks):
+        for split, n in splits.items():
+            os.makedirs(os.path.join(root, task, split), exist_ok=True)
+            for e in range(n):
+                v = np.zeros((T, 64, 64, 3), np.uint8)
+                x, y = rng.integers(0, 48, 2)
+                for t in range(T):
+                    if moving:
+                        x, y = (x + 4 * (ti == 0)) % 48, (y + 4 * (ti == 1)) % 48
+                    else:
+                        x, y = rng.integers(0, 48, 2)
+                    v[t, y:y + 16, x:x + 16] = 255
+                np.savez_compressed(os.path.join(root, task, split, f"{e:03d}.npz"), video=v)
+
+
+def write_mp4(path, video):
+    import cv2
+
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 10, video.shape[1:3][::-1])
+    for frame in video:
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    import train_vqgan
+
+    root = str(tmp_path_factory.mktemp("videogpt"))
+    make_episodes(os.path.join(root, "data"), ["dmc_a", "dmc_b"], {"train": 3, "test": 1})
+    write_mp4(os.path.join(root, "data", "dmc_b", "train", "user_video.mp4"),  # users may bring their own videos
+              np.load(os.path.join(root, "data", "dmc_b", "train", "000.npz"))["video"])
+    make_episodes(os.path.join(root, "random"), ["dmc_a", "dmc_b"], {"train": 1, "test": 1}, moving=False, seed=5)
+    train_vqgan.main(train_vqgan.Args(
+        data_dir=os.path.join(root, "data"), image_size=16, base_channels=8, channel_mult=(1, 2, 2), codebook_size=16,
+        embed_dim=8, total_steps=2, batch_size=4, warmup_steps=1, eval_every=2, disc_start=1000, cuda=False,
+        output_dir=os.path.join(root, "vq")))
+    return root
+
+
+def vqgan_ckpt(workdir):
+    return torch.load(os.path.join(workdir, "vq", "vqgan.pt"), map_location="cpu", weights_only=False)
+
+
+def test_inline_vqgan_copy_matches_train_vqgan(workdir):
+    import train_vqgan
+
+    ckpt = vqgan_ckpt(workdir)
+    frames = torch.from_numpy(np.load(os.path.join(workdir, "data", "dmc_a", "test", "000.npz"))["video"])
+    frames = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2).float(), size=16).round().byte().permute(0, 2, 3, 1)
+    ours, theirs = tv.load_vqgan(ckpt, "cpu").encode(frames), train_vqgan.load_vqgan(ckpt, "cpu").encode(frames)
+    assert ours.shape == (12, 4, 4) and torch.equal(ours, theirs)
+
+
+def small_frames(workdir, task, split="test", name="000.npz"):
+    video = tv.read_video(os.path.join(workdir, "data", task, split, name), 16)
+    return torch.from_numpy(video)[None]  # [1, T, 16, 16, 3]
+
+
+def test_checkpoint_save_load_gives_identical_rewards(workdir, tmp_path):
+    ckpt = vqgan_ckpt(workdir)
+    args = tv.Args(seq_len=3, frame_skip=2, width=32, num_layers=2, num_heads=4, mlp_dim=64, class_cond=True)
+    torch.manual_seed(0)
+    model = tv.VideoGPT(16, 3, (4, 4), 32, 2, 4, 64, 0.1, num_classes=2)
+    class_map = {"dmc_a": 0, "dmc_b": 1}
+    before = tv.RewardModel(model, tv.load_vqgan(ckpt, "cpu"), 3, 2, class_map)
+    path = str(tmp_path / "videogpt.pt")
+    tv.atomic_save(tv.make_checkpoint(args, model, class_map, (4, 4), ckpt, step=7), path)
+    loaded = tv.load_videogpt(torch.load(path), "cpu")  # plain types only: loads with weights_only=True
+    frames = torch.cat([small_frames(workdir, "dmc_a"), small_frames(workdir, "dmc_b")])
+    for mode in ("conditional", "joint"):
+        r = before.compute_rewards(frames, "dmc_b", mode)
+        assert r.shape == (2, 12) and torch.isfinite(r).all()
+        assert torch.equal(r, loaded.compute_rewards(frames, "dmc_b", mode))
+    assert (loaded.seq_len, loaded.frame_skip, loaded.class_map) == (3, 2, class_map)
+    with pytest.raises(ValueError, match="uint8"):
+        loaded.compute_rewards(frames.float(), "dmc_a")
+    with pytest.raises(ValueError, match="not a videogpt"):
+        tv.load_videogpt(ckpt)
+
+
+def test_training_smoke_resume_and_report(workdir, capsys):
+    out = os.path.join(workdir, "run")
+    common = dict(vqgan=os.path.join(workdir, "vq", "vqgan.pt"), data_dir=os.path.join(workdir, "data"),
+                  random_data_dir=os.path.join(workdir, "random"), output_dir=out, class_cond=True, seq_len=3,
+                  frame_skip=2, width=32, num_layers=2, num_heads=4, mlp_dim=64, batch_size=8, warmup_steps=5,
+                  learning_rate=3e-3, eval_every=10, eval_clips=16, sample_every=20, cuda=False)
+    tv.main(tv.Args(total_steps=20, **common))
+    ckpt = torch.load(os.path.join(out, "videogpt.pt"))
+    assert ckpt["kind"] == "videogpt" and ckpt["step"] == 20 and ckpt["class_map"] == {"dmc_a": 0, "dmc_b": 1}
+    assert (ckpt["seq_len"], ckpt["frame_skip"], tuple(ckpt["token_hw"])) == (3, 2, (4, 4))
+    assert ckpt["vqgan"]["kind"] == "vqgan" and "opt" not in ckpt["vqgan"]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out))
+    text = capsys.readouterr().out
+    assert "held-out NLL per token" in text and "unigram entropy" in text and "AUROC" in text
+    assert "7 train / 2 test episodes" in text  # dmc_b/train has 3 npz + 1 mp4
+
+    tv.main(tv.Args(total_steps=30, resume=True, **common))  # continues at step 20 from the cached tokens
+    text = capsys.readouterr().out
+    assert "resumed" in text and "at step 20" in text and "tokenising episodes" not in text
+    ckpt = torch.load(os.path.join(out, "videogpt.pt"))
+    assert ckpt["step"] == 30
+    rm = tv.load_videogpt(ckpt)
+    video = rm.sample(small_frames(workdir, "dmc_a")[:, :1], 2, temperature=1.0, task="dmc_a")
+    assert video.shape == (1, 3, 16, 16, 3) and video.dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"known tasks: \['dmc_a', 'dmc_b'\]"):
+        rm.compute_rewards(small_frames(workdir, "dmc_a"), "dmc_cartpole_swingup")
+
+
+def test_bad_inputs(workdir, tmp_path):
+    vq = os.path.join(workdir, "vq", "vqgan.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        tv.main(tv.Args(vqgan=vq, data_dir=str(tmp_path / "nope"), output_dir=str(tmp_path / "o"), cuda=False))
+    with pytest.raises(FileNotFoundError, match="vqgan"):
+        tv.main(tv.Args(vqgan=str(tmp_path / "missing.pt"), data_dir=workdir, output_dir=str(tmp_path / "o"), cuda=False))
+    with pytest.raises(FileNotFoundError, match=r"\['dmc_zzz'\] not found"):
+        tv.main(tv.Args(vqgan=vq, data_dir=os.path.join(workdir, "data"), tasks=["dmc_zzz"], output_dir=str(tmp_path / "o"),
+                        cuda=False))
+    bad = tmp_path / "bad" / "dmc_a" / "train"
+    bad.mkdir(parents=True)
+    np.savez(bad / "x.npz", video=np.zeros((5, 64, 64), np.uint8))
+    with pytest.raises(ValueError, match="x.npz"):
+        tv.main(tv.Args(vqgan=vq, data_dir=str(tmp_path / "bad"), output_dir=str(tmp_path / "o"), cuda=False))
+
+
+def test_tiny_model_learns_frame_dynamics():
+    """Each frame is the previous one shifted by one token: predictable only from the past frame, so a
+    working model (shift, positions, attention) gets far below the unigram entropy (~log 11 nats)."""
+    torch.manual_seed(0)
+    m = tv.VideoGPT(VOCAB, 3, (H, W), width=48, num_layers=2, num_heads=4, mlp_dim=96, dropout=0.0).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+
+    def batch(n):
+        first = torch.randint(VOCAB, (n, 1, H * W))
+        frames = [first.roll(t, dims=-1) for t in range(3)]
+        return torch.cat(frames, 1).view(n, 3, H, W)
+
+    for _ in range(150):
+        codes = batch(32)
+        loss = torch.nn.functional.cross_entropy(m(codes).flatten(0, 1), codes.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    codes = batch(64)
+    with torch.no_grad():
+        logp = m.eval().frame_log_probs(codes)  # [64, 3]
+    # frame 0 is random (log 11 per token); frames 1, 2 are determined by frame 0
+    assert (-logp[:, 1:].mean() / (H * W)) < 0.2 < np.log(VOCAB) - 0.5
+
+
+def test_ddp_two_cpu_processes(workdir, tmp_path):
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(tv.__file__),
+           "--vqgan", os.path.join(workdir, "vq", "vqgan.pt"), "--data-dir", os.path.join(workdir, "data"),
+           "--class-cond", "--seq-len", "3", "--width", "32", "--num-layers", "2", "--num-heads", "4",
+           "--mlp-dim", "64", "--batch-size", "8", "--total-steps", "6", "--eval-every", "3", "--eval-clips", "8",
+           "--sample-every", "6", "--output-dir", out, "--no-cuda"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(os.path.join(out, "videogpt.pt"))["step"] == 6

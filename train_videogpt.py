@@ -1,0 +1,852 @@
+"""VideoGPT for VIPER: an autoregressive transformer over VQ-GAN tokens whose log-likelihood is the reward.
+
+VIPER (Escontrela et al., NeurIPS 2023) rewards an agent by how likely a video model trained on expert
+videos finds the agent's own frames. This script trains that video model.
+
+1. Data. Every episode under `<data-dir>/<task>/{train,test}/` (`.npz` with key `video`, or `.mp4`/`.avi`)
+   is turned into discrete codes once by the frozen VQ-GAN of `train_vqgan.py` (`--vqgan`), and the codes
+   are cached in `<output-dir>/tokens.pt` (keyed by the file list and the VQ-GAN weights), so training
+   costs the transformer only. A training clip is `--seq-len` frames taken every `--frame-skip` frames
+   from a uniformly random offset (paper DMC checkpoints: 16x1, 8x2, 4x4; Atari: 4x4).
+2. Model (VideoGPT as used by VIPER). The clip's L x h x w codes are flattened in (time, row, col)
+   order into one sequence; a causal, pre-LayerNorm transformer predicts every token from the ones
+   before it. The input is shifted right by one with a learned start token in front. Positions get a
+   factorised embedding, time + row + col. With `--class-cond` a learned task embedding (class map =
+   sorted task folder names, saved in the checkpoint) is added at every position.
+3. Training: token cross-entropy, AdamW with linear warm-up then cosine decay, gradient clipping, an
+   exponential moving average (EMA) of the weights that becomes the checkpoint's inference weights.
+   Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel (gloo on CPU).
+   Tensorboard: train and held-out NLL per token (nats) beside the unigram entropy of the codes (the NLL
+   of a model that ignores all context), and open-loop samples (1 real frame -> seq-len frames) as a
+   frame grid image (add_video would need moviepy). The held-out NLL includes each clip's first frame,
+   which has no context; on a new episode's layout it is the expensive part.
+4. Reward (`RewardModel.compute_rewards`): for each step t the window ending at t holds frames
+   t-(L-1)k, ..., t-k, t. `conditional` (paper formula): r_t = log p(x_t | earlier frames of the window);
+   `joint` (official code's default): r_t = log p(window). A frame's log-probability is the sum over its
+   h*w tokens. At an episode's start the available prefix (same skip) is used, so no step is dropped.
+
+Output: `<output-dir>/videogpt.pt`, self-contained (EMA transformer, args, class map, and the whole
+VQ-GAN checkpoint), so later stages need this one path; `videogpt_resume.pt` holds the training state.
+At the end the script prints held-out NLL per token next to the unigram entropy of the codes, and, per
+task, the mean conditional reward of held-out expert episodes and (with `--random-data-dir`) of random
+episodes, with the per-window AUROC expert vs random.
+
+Examples:
+    python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond   # paper DMC size (GPU)
+    OMP_NUM_THREADS=1 python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond \\
+        --random-data-dir data/random --width 128 --num-layers 4 --num-heads 4 --mlp-dim 512 --seq-len 4 \\
+        --batch-size 16 --learning-rate 1e-3 --warmup-steps 100 --total-steps 1500 --eval-every 100 \\
+        --eval-clips 128 --sample-every 500 --no-cuda                        # CPU size, ~25-30 min on one core
+    torchrun --nproc_per_node 4 train_videogpt.py ...                        # DistributedDataParallel
+"""
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    vqgan: str = "runs/vqgan/vqgan.pt"
+    """vqgan.pt written by train_vqgan.py (frozen tokenizer; copied whole into videogpt.pt)"""
+    data_dir: str = "data/experts"
+    """dataset root: <data-dir>/<task>/{train,test}/*.npz|*.mp4|*.avi"""
+    tasks: Optional[List[str]] = None
+    """task folders to train on (default: every folder under --data-dir that has a train/ folder)"""
+    random_data_dir: Optional[str] = None
+    """optional root of random-policy episodes (<dir>/<task>/*/*.npz, e.g. collect_expert_videos.py
+    --policy random); the final report then gives the per-window AUROC of expert vs random rewards"""
+    output_dir: Optional[str] = None
+    """videogpt.pt, resume state, token cache and tensorboard logs go here (default runs/videogpt__<seed>__<time>)"""
+    seed: int = 1
+    """seed of weights, clip draws and dropout"""
+    cuda: bool = True
+    """use the GPU when one is available (bf16 autocast only on CUDA)"""
+    resume: bool = False
+    """continue from <output-dir>/videogpt_resume.pt"""
+
+    # clips
+    seq_len: int = 16
+    """frames per clip L (paper DMC: 16; the window length of the reward)"""
+    frame_skip: int = 1
+    """k: a clip takes every k-th frame (paper DMC: 1)"""
+    class_cond: bool = False
+    """condition on the task (folder name); required for one model over several tasks"""
+
+    # model (defaults: the paper's DMC size; Atari: 512/8/8/2048)
+    width: int = 256
+    """transformer width (embedding size)"""
+    num_layers: int = 8
+    """number of transformer blocks"""
+    num_heads: int = 8
+    """attention heads per block"""
+    mlp_dim: int = 1024
+    """hidden size of each block's MLP"""
+    dropout: float = 0.1
+    """dropout on embeddings, attention weights and residual branches"""
+
+    # optimisation
+    total_steps: int = 100_000
+    """optimiser steps"""
+    batch_size: int = 32
+    """clips per step, split evenly over torchrun processes"""
+    learning_rate: float = 3e-4
+    """peak AdamW learning rate (after warm-up; cosine decay to 10% of it at --total-steps)"""
+    warmup_steps: int = 1000
+    """linear learning-rate warm-up steps"""
+    weight_decay: float = 0.01
+    """AdamW weight decay on weight matrices and embeddings (not on biases, LayerNorm gains, start token)"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this"""
+    ema_decay: float = 0.999
+    """decay of the weight EMA used for evaluation, sampling and the checkpoint"""
+
+    # logging
+    eval_every: int = 1000
+    """steps between held-out NLL evaluations and checkpoints"""
+    eval_clips: int = 256
+    """held-out clips (fixed) for the NLL evaluation"""
+    sample_every: int = 5000
+    """steps between open-loop sample grids in tensorboard (1 context frame -> seq-len frames)"""
+
+
+# ==== VQGAN: copied verbatim into train_videogpt.py and train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+def vq_norm(c):
+    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = vq_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = vq_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of the coarsest grid."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.qkv, self.proj = vq_norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2)
+        return x + self.proj(h.reshape(B, C, H, W))
+
+
+class Encoder(nn.Sequential):
+    def __init__(self, ch, ch_mult, num_res_blocks, embed_dim):
+        layers, c = [nn.Conv2d(3, ch, 3, padding=1)], ch
+        for i, m in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(c, ch * m))
+                c = ch * m
+            if i < len(ch_mult) - 1:
+                layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # downsample 2x
+        layers += [ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]  # middle block at the token resolution
+        layers += [vq_norm(c), nn.SiLU(), nn.Conv2d(c, embed_dim, 3, padding=1)]
+        super().__init__(*layers)
+
+
+class Decoder(nn.Sequential):
+    def __init__(self, ch, ch_mult, num_res_blocks, embed_dim):
+        c = ch * ch_mult[-1]
+        layers = [nn.Conv2d(embed_dim, c, 3, padding=1), ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]
+        for i in reversed(range(len(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResBlock(c, ch * ch_mult[i]))
+                c = ch * ch_mult[i]
+            if i > 0:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+        layers += [vq_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+        super().__init__(*layers)
+
+
+class Quantizer(nn.Module):
+    """Nearest codebook entry by cosine similarity (l2-normalised codes, as in ViT-VQGAN)."""
+
+    def __init__(self, codebook_size, embed_dim):
+        super().__init__()
+        self.codebook = nn.Embedding(codebook_size, embed_dim)
+
+    def lookup(self, codes):  # long [B,h,w] -> unit vectors [B,D,h,w]
+        return F.normalize(self.codebook(codes), dim=-1).permute(0, 3, 1, 2)
+
+    def forward(self, z):  # unit vectors [B,D,h,w] -> codes long [B,h,w]
+        with torch.autocast(z.device.type, enabled=False):  # pick codes in fp32
+            sim = torch.einsum("bdhw,kd->bhwk", z.float(), F.normalize(self.codebook.weight.float(), dim=-1))
+        return sim.argmax(-1)
+
+
+class VQGAN(nn.Module):
+    """frames -> encoder -> unit vectors z -> nearest codes -> codebook vectors -> decoder -> frames."""
+
+    def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                 codebook_size=256, embed_dim=64):
+        super().__init__()
+        self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
+        self.decoder = Decoder(base_channels, channel_mult, num_res_blocks, embed_dim)
+        self.quantizer = Quantizer(codebook_size, embed_dim)
+        self.image_size, self.codebook_size = image_size, codebook_size
+        self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
+
+    def forward(self, x):
+        """x float [B,3,H,W] in [-1,1] -> (reconstruction, z, codebook vectors e, codes)."""
+        z = F.normalize(self.encoder(x), dim=1)
+        codes = self.quantizer(z)
+        e = self.quantizer.lookup(codes)
+        return self.decoder(z + (e - z).detach()), z, e, codes  # straight-through estimator
+
+    @torch.inference_mode()
+    def encode(self, frames, chunk_size=256):
+        """uint8 [N,H,W,3] (tensor or array) -> codes long [N,h,w], on the model's device."""
+        frames = torch.as_tensor(frames)
+        if frames.dtype != torch.uint8 or frames.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"encode expects uint8 [N,{self.image_size},{self.image_size},3], "
+                             f"got {frames.dtype} {tuple(frames.shape)}")
+        device = self.quantizer.codebook.weight.device
+        codes = [torch.zeros(0, *self.token_hw, dtype=torch.long, device=device)]
+        for i in range(0, len(frames), chunk_size):
+            x = frames[i:i + chunk_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            codes.append(self.quantizer(F.normalize(self.encoder(x), dim=1)))
+        return torch.cat(codes)
+
+    @torch.inference_mode()
+    def decode(self, codes, chunk_size=256):
+        """codes long [N,h,w] -> frames uint8 [N,H,W,3], on the model's device."""
+        device = self.quantizer.codebook.weight.device
+        out = [torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=device)]
+        for i in range(0, len(codes), chunk_size):
+            x = self.decoder(self.quantizer.lookup(codes[i:i + chunk_size].to(device)))
+            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+        return torch.cat(out)
+
+
+def load_vqgan(ckpt, device="cpu"):
+    """Rebuild a trained VQGAN (eval mode) from the dict saved as vqgan.pt by train_vqgan.py."""
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "vqgan":
+        raise ValueError("not a VQGAN checkpoint (expected the vqgan.pt dict written by train_vqgan.py)")
+    a = ckpt["args"]
+    model = VQGAN(ckpt["image_size"], a["base_channels"], tuple(ckpt["channel_mult"]), a["num_res_blocks"],
+                  ckpt["codebook_size"], ckpt["embed_dim"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+# ==== END VQGAN ====
+
+
+# ==== VIDEOGPT: copied verbatim into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+class KVCache:
+    """Keys and values of the positions already processed, so sampling costs one token per step."""
+
+    def __init__(self, batch, heads, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0
+
+    def append(self, k, v):
+        n = k.shape[2]
+        self.k[:, :, self.len:self.len + n] = k
+        self.v[:, :, self.len:self.len + n] = v
+        self.len += n
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, cache=None):
+        B, S, C = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        past = k.shape[2] - S  # positions before the first query (from the cache)
+        mask = None
+        if past > 0 and S > 1:  # new queries see all cached positions, and causally each other
+            mask = torch.ones(S, past + S, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and S > 1),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, S, C)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width, heads, mlp_dim, dropout):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, width), nn.Dropout(dropout))
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class VideoGPT(nn.Module):
+    """Causal transformer over a clip's codes [B, n, h, w] (n <= seq_len frames), raster order (time, row, col).
+
+    Position i of the input holds token i-1 (a learned start token at i = 0) plus the embedding of
+    position i = (t, r, c), so the output at i predicts token i knowing where it lies.
+    """
+
+    def __init__(self, vocab_size, seq_len, token_hw, width=256, num_layers=8, num_heads=8, mlp_dim=1024,
+                 dropout=0.1, num_classes=0):
+        super().__init__()
+        h, w = token_hw
+        self.vocab_size, self.seq_len, self.token_hw = vocab_size, seq_len, (h, w)
+        self.tok_emb = nn.Embedding(vocab_size, width)
+        self.start = nn.Parameter(0.02 * torch.randn(width))
+        self.pos_t = nn.Parameter(0.02 * torch.randn(seq_len, width))  # factorised: time + row + col
+        self.pos_r = nn.Parameter(0.02 * torch.randn(h, width))
+        self.pos_c = nn.Parameter(0.02 * torch.randn(w, width))
+        self.class_emb = nn.Embedding(num_classes, width) if num_classes > 0 else None
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_dim, dropout) for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def pos_emb(self):
+        """[seq_len*h*w, width] embedding of every position in raster order."""
+        return (self.pos_t[:, None, None] + self.pos_r[None, :, None] + self.pos_c[None, None, :]).flatten(0, 2)
+
+    def _check_labels(self, labels, batch):
+        if (self.class_emb is None) != (labels is None):
+            raise ValueError("a class-conditional model needs labels; an unconditional one takes none")
+        return 0 if labels is None else self.class_emb(labels.expand(batch))[:, None]
+
+    def _run(self, x, caches=None):
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.head(self.ln_f(x))
+
+    def forward(self, codes, labels=None):
+        """codes long [B, n, h, w] -> logits [B, n*h*w, vocab]; logits[:, i] predict flattened token i."""
+        B, n = codes.shape[:2]
+        if n > self.seq_len or tuple(codes.shape[2:]) != self.token_hw:
+            raise ValueError(f"codes {tuple(codes.shape)} do not fit [B, <={self.seq_len}, *{self.token_hw}]")
+        tokens = codes.flatten(1)
+        x = torch.cat([self.start.expand(B, 1, -1), self.tok_emb(tokens[:, :-1])], 1)
+        return self._run(x + self.pos_emb()[:tokens.shape[1]] + self._check_labels(labels, B))
+
+    def frame_log_probs(self, codes, labels=None):
+        """log p of every frame of the clip given the frames before it: [B, n] (sum over its h*w tokens)."""
+        B, n = codes.shape[:2]
+        logp = self(codes, labels).float().log_softmax(-1)
+        logp = logp.gather(-1, codes.flatten(1)[..., None])[..., 0]
+        return logp.view(B, n, -1).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, context, num_frames, temperature=1.0, labels=None, generator=None):
+        """Continue context codes [B, c, h, w] by num_frames frames, one token at a time with a KV cache.
+
+        temperature 0 takes the most likely token (greedy). Returns codes [B, c + num_frames, h, w].
+        """
+        B, c = context.shape[:2]
+        hw = self.token_hw[0] * self.token_hw[1]
+        total = (c + num_frames) * hw
+        if c + num_frames > self.seq_len:
+            raise ValueError(f"context {c} + {num_frames} frames exceed the model's {self.seq_len} frames")
+        pos, cls = self.pos_emb(), self._check_labels(labels, B)
+        head_dim = self.start.shape[0] // self.blocks[0].attn.heads
+        caches = [KVCache(B, b.attn.heads, total, head_dim, context.device, self.start.dtype) for b in self.blocks]
+        tokens = context.flatten(1)
+        x = torch.cat([self.start.expand(B, 1, -1), self.tok_emb(tokens)], 1)  # start + context
+        logits = self._run(x + pos[:tokens.shape[1] + 1] + cls, caches)[:, -1]
+        out = [tokens]
+        for i in range(c * hw, total):  # logits predict token i
+            if temperature == 0:
+                tok = logits.argmax(-1)
+            else:
+                probs = (logits.float() / temperature).softmax(-1)
+                tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            out.append(tok[:, None])
+            if i + 1 < total:
+                logits = self._run(self.tok_emb(tok)[:, None] + pos[i + 1] + cls, caches)[:, -1]
+        return torch.cat(out, 1).view(B, c + num_frames, *self.token_hw)
+
+
+class RewardModel:
+    """VQ-GAN + VideoGPT: frames -> VIPER rewards, and open-loop samples.
+
+    model and vqgan are in eval mode; seq_len L and frame_skip k are those the model was trained with;
+    class_map ({task: label}) is None for an unconditional model (then `task` is ignored).
+    max_tokens bounds the tokens per forward pass (memory).
+    """
+
+    def __init__(self, model, vqgan, seq_len, frame_skip, class_map=None, max_tokens=32768):
+        self.model, self.vqgan = model.eval(), vqgan.eval()
+        self.seq_len, self.frame_skip, self.class_map = seq_len, frame_skip, class_map
+        self.max_tokens = max_tokens
+
+    @property
+    def device(self):
+        return self.model.start.device
+
+    def labels(self, task):
+        if self.class_map is None:
+            return None
+        if task not in self.class_map:
+            raise ValueError(f"task {task!r} is not in the video model's class map; known tasks: {sorted(self.class_map)}")
+        return torch.tensor([self.class_map[task]], device=self.device)
+
+    @torch.inference_mode()
+    def encode(self, frames):
+        """uint8 frames [B, T, H, W, 3] (tensor or array) -> codes long [B, T, h, w] on self.device."""
+        frames = torch.as_tensor(frames)
+        if frames.dim() != 5 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+            raise ValueError(f"frames must be uint8 [B, T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+        return self.vqgan.encode(frames.flatten(0, 1)).view(*frames.shape[:2], *self.model.token_hw).long()
+
+    @torch.inference_mode()
+    def rewards_from_codes(self, codes, task=None, mode="conditional", first_step=0):
+        """VIPER rewards from codes long [B, T, h, w]: float [B, T - first_step] (CPU), steps first_step..T-1.
+
+        The window ending at step t holds frames t-(L-1)k, ..., t-k, t. First-steps rule: while t < (L-1)k
+        the window is the available prefix with the same skip, frames t - jk >= 0 (n = t//k + 1 of them,
+        so step 0 is scored by log p(x_0) alone). conditional: r_t = log p(x_t | earlier frames of the
+        window); joint: r_t = log p(all frames of the window). first_step lets a caller that keeps an
+        episode's codes score only its new steps (the history before first_step is used as context).
+        """
+        if mode not in ("conditional", "joint"):
+            raise ValueError(f"reward mode must be 'conditional' or 'joint', got {mode!r}")
+        labels = self.labels(task)
+        codes = codes.to(self.device).long()
+        B, T = codes.shape[:2]
+        L, k = self.seq_len, self.frame_skip
+        t = torch.arange(first_step, T, device=self.device)
+        if len(t) == 0:
+            return torch.zeros(B, 0)
+        n = (t // k + 1).clamp(max=L)  # frames in the window ending at t
+        j = torch.arange(L, device=self.device)
+        idx = t[:, None] - (n[:, None] - 1 - j) * k  # slot j of window t -> frame index
+        idx = torch.where(j < n[:, None], idx, t[:, None])  # slots past the prefix: any frame (causal: ignored)
+        windows = torch.arange(B * len(t), device=self.device)  # window w: episode w // len(t), step t[w % len(t)]
+        per_pass = max(1, self.max_tokens // (L * codes[0, 0].numel()))
+        logp = torch.cat([self.model.frame_log_probs(codes[w[:, None] // len(t), idx[w % len(t)]], labels)
+                          for w in windows.split(per_pass)]).view(B, len(t), L)
+        if mode == "conditional":
+            r = logp.gather(-1, (n - 1).expand(B, -1)[..., None])[..., 0]
+        else:
+            r = (logp * (j < n[:, None])).sum(-1)
+        return r.float().cpu()
+
+    def compute_rewards(self, frames, task=None, mode="conditional", first_step=0):
+        """VIPER rewards of uint8 frames [B, T, H, W, 3] -> float [B, T - first_step]; see rewards_from_codes."""
+        return self.rewards_from_codes(self.encode(frames), task, mode, first_step)
+
+    @torch.inference_mode()
+    def sample(self, context_frames, num_frames, temperature=1.0, task=None, generator=None):
+        """Open-loop video: uint8 context [B, c, H, W, 3] -> uint8 [B, c + num_frames, H, W, 3] (context re-decoded)."""
+        codes = self.model.sample(self.encode(context_frames), num_frames, temperature, self.labels(task), generator)
+        frames = self.vqgan.decode(codes.flatten(0, 1))
+        return frames.view(*codes.shape[:2], *frames.shape[1:])
+
+
+def load_videogpt(ckpt, device="cpu"):
+    """videogpt.pt dict (torch.load) -> RewardModel on device, EMA weights."""
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "videogpt":
+        raise ValueError("not a videogpt.pt checkpoint (expected a dict with kind='videogpt')")
+    a, class_map = ckpt["args"], ckpt["class_map"]
+    model = VideoGPT(ckpt["vqgan"]["codebook_size"], ckpt["seq_len"], tuple(ckpt["token_hw"]), a["width"],
+                     a["num_layers"], a["num_heads"], a["mlp_dim"], a["dropout"], len(class_map) if class_map else 0)
+    model.load_state_dict(ckpt["model"])
+    vqgan = load_vqgan(ckpt["vqgan"], device)
+    return RewardModel(model.to(device), vqgan, ckpt["seq_len"], ckpt["frame_skip"], class_map)
+# ==== END VIDEOGPT ====
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: find episodes, tokenise them once, draw clips.
+VIDEO_EXTS = (".npz", ".mp4", ".avi")
+VQGAN_KEYS = ("kind", "args", "model", "image_size", "token_hw", "codebook_size", "embed_dim", "channel_mult", "tasks",
+              "step")  # what vqgan.pt holds: no optimiser state goes into videogpt.pt
+
+
+def list_tasks(data_dir, tasks=None):
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"data dir {data_dir!r} does not exist")
+    found = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d, "train")))
+    if tasks is None:
+        if not found:
+            raise FileNotFoundError(f"no <task>/train/ folder under {data_dir!r}")
+        return found
+    missing = [t for t in tasks if t not in found]
+    if missing:
+        raise FileNotFoundError(f"task folder(s) {missing} not found under {data_dir!r} (found {found})")
+    return sorted(tasks)
+
+
+def list_episodes(root, task, splits):
+    files = []
+    for split in splits:
+        folder = os.path.join(root, task, split)
+        if os.path.isdir(folder):
+            files += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                      if f.endswith(VIDEO_EXTS) and not f.endswith(".tmp.npz")]
+    return files
+
+
+def read_video(path, image_size):
+    """uint8 [T, image_size, image_size, 3] from an .npz (key `video`) or an .mp4/.avi file."""
+    import cv2
+
+    try:
+        if path.endswith(".npz"):
+            with np.load(path) as f:
+                video = f["video"]
+        else:
+            cap, frames = cv2.VideoCapture(path), []
+            while True:
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+            cap.release()
+            video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
+    except Exception as e:
+        raise ValueError(f"cannot read video file {path}: {e}") from e
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or len(video) == 0:
+        raise ValueError(f"{path}: expected uint8 video [T, H, W, 3], got {video.dtype} {video.shape}")
+    if video.shape[1:3] != (image_size, image_size):
+        video = np.stack([cv2.resize(f, (image_size, image_size), interpolation=cv2.INTER_AREA) for f in video])
+    return video
+
+
+def tokenize(paths, vqgan, image_size, codebook_size, device, cache_path, desc):
+    """codes (uint8, or int16 for codebooks > 256) [T, h, w] per file, from cache_path if it matches."""
+    h = hashlib.sha1()
+    for p in paths:  # key: the file list (path, size, mtime) and the VQ-GAN weights
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns};".encode())
+    for v in vqgan.state_dict().values():
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    key = h.hexdigest()
+    if os.path.exists(cache_path):
+        cache = torch.load(cache_path, map_location="cpu")
+        if cache.get("key") == key:
+            return cache["codes"]
+    dtype = torch.uint8 if codebook_size <= 256 else torch.int16
+    codes = []
+    for p in tqdm(paths, desc=f"tokenising {desc}"):
+        video = torch.from_numpy(read_video(p, image_size))
+        codes.append(vqgan.encode(video).cpu().to(dtype))
+    atomic_save({"key": key, "paths": list(paths), "codes": codes}, cache_path)
+    return codes
+
+
+class ClipSampler:
+    """Clips of seq_len frames every frame_skip frames, from any valid offset of any episode (uniformly)."""
+
+    def __init__(self, episodes, labels, seq_len, frame_skip):
+        span = (seq_len - 1) * frame_skip + 1
+        self.codes = torch.cat(episodes)  # all frames, episodes back to back
+        starts, start_labels, offset = [], [], 0
+        for c, label in zip(episodes, labels):
+            if len(c) >= span:
+                starts.append(torch.arange(offset, offset + len(c) - span + 1))
+                start_labels.append(torch.full((len(c) - span + 1,), label))
+            offset += len(c)
+        if not starts:
+            raise ValueError(f"no episode has the {span} frames that --seq-len {seq_len} x --frame-skip {frame_skip} need")
+        self.starts, self.labels = torch.cat(starts), torch.cat(start_labels)
+        self.offsets = torch.arange(seq_len) * frame_skip
+
+    def sample(self, batch, rng):
+        i = torch.from_numpy(rng.integers(0, len(self.starts), batch))
+        return self.codes[self.starts[i, None] + self.offsets].long(), self.labels[i]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Utilities
+def atomic_save(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_checkpoint(args, ema_model, class_map, token_hw, vqgan_ckpt, step):
+    """The self-contained videogpt.pt dict."""
+    return {"kind": "videogpt", "args": asdict(args), "model": ema_model.state_dict(), "class_map": class_map,
+            "seq_len": args.seq_len, "frame_skip": args.frame_skip, "token_hw": tuple(token_hw),
+            "vqgan": vqgan_ckpt, "step": step}
+
+
+def unigram_entropy(codes_list, vocab_size):
+    """Entropy (nats) of the code histogram: the NLL per token of a model that ignores all context."""
+    counts = sum(torch.bincount(c.flatten().long(), minlength=vocab_size) for c in codes_list).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def auroc(pos, neg):
+    """P(score of a positive > score of a negative), ties counting 1/2 (Mann-Whitney U)."""
+    x = np.concatenate([pos, neg])
+    ranks = np.empty(len(x))
+    ranks[x.argsort(kind="mergesort")] = np.arange(1, len(x) + 1)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(inv, weights=ranks) / counts)[inv]  # average rank within ties
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+@torch.no_grad()
+def heldout_nll(model, codes, labels, batch_size, device, autocast):
+    """Mean NLL per token (nats) of fixed clips."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(codes), batch_size):
+        c = codes[i:i + batch_size].to(device)
+        lab = labels[i:i + batch_size].to(device) if model.class_emb is not None else None
+        with autocast():
+            logits = model(c, lab)
+        total += F.cross_entropy(logits.float().flatten(0, 1), c.flatten(), reduction="sum").item()
+    return total / codes.numel()
+
+
+def sample_grid(reward_model, codes, labels, generator):
+    """uint8 image [rows*H, L*W, 3]: per clip a row of real frames (VQ-GAN reconstructions) over a row
+    sampled open-loop from its first frame."""
+    m, vq = reward_model.model, reward_model.vqgan
+    with torch.inference_mode():
+        lab = labels.to(reward_model.device) if reward_model.class_map is not None else None
+        real = codes.to(reward_model.device)
+        fake = m.sample(real[:, :1], real.shape[1] - 1, 1.0, lab, generator)
+        frames = vq.decode(torch.stack([real, fake], 1).flatten(0, 2)).cpu()  # [B*2*L, H, W, 3]
+    B, L = real.shape[:2]
+    H, W = frames.shape[1:3]
+    return frames.view(B * 2, L, H, W, 3).permute(0, 2, 1, 3, 4).reshape(B * 2 * H, L * W, 3).numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main(args: Args):
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_cuda = args.cuda and torch.cuda.is_available()
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    is_main = rank == 0
+    if args.resume and not args.output_dir:
+        raise ValueError("--resume needs the --output-dir of the run to continue")
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} torchrun processes")
+
+    def autocast():  # bf16 only on CUDA: on CPU it is much slower than fp32
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
+
+    out_dir = [args.output_dir or os.path.join("runs", f"videogpt__{args.seed}__{int(time.time())}")]
+    if ddp:
+        dist.broadcast_object_list(out_dir)  # every rank uses rank 0's name
+    out_dir = out_dir[0]
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(args.seed + rank)
+
+    # tokenizer and data
+    if not os.path.exists(args.vqgan):
+        raise FileNotFoundError(f"--vqgan {args.vqgan!r} does not exist (train it with train_vqgan.py)")
+    vqgan_ckpt = torch.load(args.vqgan, map_location="cpu", weights_only=False)
+    if not isinstance(vqgan_ckpt, dict) or vqgan_ckpt.get("kind") != "vqgan":
+        raise ValueError(f"--vqgan {args.vqgan!r} is not a vqgan.pt checkpoint (kind='vqgan')")
+    vqgan_ckpt = {k: v for k, v in vqgan_ckpt.items() if k in VQGAN_KEYS}
+    vqgan = load_vqgan(vqgan_ckpt, device)
+    image_size, token_hw, vocab = vqgan_ckpt["image_size"], tuple(vqgan_ckpt["token_hw"]), vqgan_ckpt["codebook_size"]
+    tasks = list_tasks(args.data_dir, args.tasks)
+    class_map = {t: i for i, t in enumerate(tasks)} if args.class_cond else None
+    files = {s: [(t, p) for t in tasks for p in list_episodes(args.data_dir, t, [s])] for s in ("train", "test")}
+    if not files["train"]:
+        raise FileNotFoundError(f"no {VIDEO_EXTS} files in {args.data_dir}/<task>/train/ for tasks {tasks}")
+    cache_path = os.path.join(out_dir, "tokens.pt")
+    all_files = [p for s in ("train", "test") for _, p in files[s]]
+    if is_main:
+        tokenize(all_files, vqgan, image_size, vocab, device, cache_path, "episodes")
+    if ddp:
+        dist.barrier()  # rank 0 wrote the cache; the others read it
+    codes = dict(zip(all_files, tokenize(all_files, vqgan, image_size, vocab, device, cache_path, "episodes")))
+    train_sampler = ClipSampler([codes[p] for _, p in files["train"]], [tasks.index(t) for t, _ in files["train"]],
+                                args.seq_len, args.frame_skip)
+    entropy = unigram_entropy([codes[p] for _, p in files["train"]], vocab)
+    eval_codes = eval_labels = None
+    if files["test"]:
+        test_sampler = ClipSampler([codes[p] for _, p in files["test"]], [tasks.index(t) for t, _ in files["test"]],
+                                   args.seq_len, args.frame_skip)
+        eval_codes, eval_labels = test_sampler.sample(args.eval_clips, np.random.default_rng(12345))  # fixed set
+    elif is_main:
+        print(f"warning: no test/ episodes under {args.data_dir}: no held-out NLL or expert reward report")
+
+    # model, EMA, optimiser
+    model = VideoGPT(vocab, args.seq_len, token_hw, args.width, args.num_layers, args.num_heads, args.mlp_dim,
+                     args.dropout, len(tasks) if args.class_cond else 0).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.learning_rate, betas=(0.9, 0.95), fused=use_cuda)
+    resume_path = os.path.join(out_dir, "videogpt_resume.pt")
+    step = 0
+    if args.resume:
+        if not os.path.exists(resume_path):
+            raise FileNotFoundError(f"--resume: {resume_path} does not exist")
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.manual_seed(args.seed + rank + step)  # fresh dropout masks (clip draws need no state)
+        if is_main:
+            print(f"resumed from {resume_path} at step {step}")
+    train_model = nn.parallel.DistributedDataParallel(model) if ddp else model
+    n_params = sum(p.numel() for p in model.parameters())
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out_dir)
+        writer.add_text("args", json.dumps(asdict(args), indent=1))
+        print(f"{n_params / 1e6:.2f}M parameters; {len(files['train'])} train / {len(files['test'])} test episodes "
+              f"of {tasks}; {args.seq_len}x{token_hw[0]}x{token_hw[1]} tokens per clip; "
+              f"unigram entropy of the codes {entropy:.3f} nats")
+        writer.add_scalar("data/unigram_entropy", entropy, step)
+
+    def lr_at(s):
+        warm = min(1.0, (s + 1) / max(1, args.warmup_steps))
+        progress = min(1.0, s / max(1, args.total_steps))
+        return args.learning_rate * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def save():
+        ckpt = make_checkpoint(args, ema, class_map, token_hw, vqgan_ckpt, step)
+        atomic_save(ckpt, os.path.join(out_dir, "videogpt.pt"))
+        atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "step": step}, resume_path)
+
+    reward_model = RewardModel(ema, vqgan, args.seq_len, args.frame_skip, class_map)
+    eval_nll = float("nan")
+    bar = tqdm(total=args.total_steps, initial=step, desc="videogpt", disable=not is_main)
+    t0, tokens_seen, nll_sum, nll_n = time.time(), 0, 0.0, 0
+    while step < args.total_steps:
+        model.train()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        rng = np.random.default_rng((args.seed, rank, step))  # clips depend on (seed, rank, step): resume replays them
+        clip, labels = train_sampler.sample(args.batch_size // world, rng)
+        clip, labels = clip.to(device), (labels.to(device) if args.class_cond else None)
+        with autocast():
+            logits = train_model(clip, labels)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), clip.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        with torch.no_grad():  # EMA, with a short warm-up so early checkpoints are not dominated by the init
+            d = min(args.ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - d)
+        step += 1
+        bar.update(1)
+        tokens_seen += clip.numel() * world
+        nll_sum, nll_n = nll_sum + loss.item(), nll_n + 1
+        if is_main and (step % 20 == 0 or step == args.total_steps):
+            writer.add_scalar("train/nll_per_token", nll_sum / nll_n, step)
+            writer.add_scalar("train/lr", lr_at(step - 1), step)
+            writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            writer.add_scalar("train/tokens_per_s", tokens_seen / (time.time() - t0), step)
+            bar.set_postfix(nll=f"{nll_sum / nll_n:.3f}", heldout=f"{eval_nll:.3f}", unigram=f"{entropy:.3f}")
+            nll_sum, nll_n = 0.0, 0
+        if is_main and (step % args.eval_every == 0 or step == args.total_steps):
+            if eval_codes is not None:
+                eval_nll = heldout_nll(ema, eval_codes, eval_labels, args.batch_size, device, autocast)
+                writer.add_scalar("eval/nll_per_token", eval_nll, step)
+            save()
+        if is_main and (step % args.sample_every == 0 or step == args.total_steps):
+            src, src_labels = (eval_codes, eval_labels) if eval_codes is not None else train_sampler.sample(4, rng)
+            gen = torch.Generator(device).manual_seed(step)
+            grid = sample_grid(reward_model, src[:4], src_labels[:4], gen)
+            writer.add_image("samples/real_over_sampled", grid, step, dataformats="HWC")
+    bar.close()
+
+    if is_main:
+        report = final_report(args, reward_model, tasks, files, codes, (eval_codes, eval_labels), entropy, out_dir,
+                              autocast)
+        for k, v in report.items():
+            if isinstance(v, float):
+                writer.add_scalar(f"final/{k}", v, step)
+        writer.close()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def final_report(args, reward_model, tasks, files, codes, eval_clips, entropy, out_dir, autocast):
+    """Held-out NLL vs unigram entropy, and per task the conditional reward of expert vs random episodes."""
+    report, (eval_codes, eval_labels) = {"unigram_entropy": entropy}, eval_clips
+    if eval_codes is not None:
+        report["heldout_nll_per_token"] = heldout_nll(reward_model.model, eval_codes, eval_labels, args.batch_size,
+                                                      reward_model.device, autocast)
+    print(f"\nheld-out NLL per token {report.get('heldout_nll_per_token', float('nan')):.4f} nats "
+          f"vs unigram entropy of the codes {entropy:.4f} nats")
+    full = (args.seq_len - 1) * args.frame_skip  # per-window statistics use full windows only (t >= (L-1)k)
+
+    def episode_rewards(task, code_list):
+        r = [reward_model.rewards_from_codes(c[None], task, "conditional")[0, full:] for c in code_list]
+        return torch.cat(r).numpy() if r else np.zeros(0)
+
+    for task in tasks:
+        expert = episode_rewards(task, [codes[p] for t, p in files["test"] if t == task])
+        line = f"{task}: expert (test) mean conditional reward {expert.mean() if len(expert) else float('nan'):.2f}"
+        report[f"{task}/expert_reward"] = float(expert.mean()) if len(expert) else float("nan")
+        if args.random_data_dir:
+            paths = list_episodes(args.random_data_dir, task, ["train", "test"])
+            if not paths:
+                print(f"warning: no random episodes in {args.random_data_dir}/{task}/{{train,test}}/")
+            else:
+                vq = reward_model.vqgan
+                rand_codes = tokenize(paths, vq, vq.image_size, vq.codebook_size, reward_model.device,
+                                      os.path.join(out_dir, f"tokens_random_{task}.pt"), f"random {task}")
+                rand = episode_rewards(task, rand_codes)
+                report[f"{task}/random_reward"] = float(rand.mean())
+                line += f", random {rand.mean():.2f}"
+                if len(expert) and len(rand):
+                    report[f"{task}/auroc"] = auroc(expert, rand)
+                    line += f", per-window AUROC {report[f'{task}/auroc']:.3f} ({len(expert)} vs {len(rand)} windows)"
+        print(line)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
