@@ -1,0 +1,255 @@
+"""Tests of train_viper_dreamer.py: the DreamerV3 pieces, and short end-to-end runs on DMC and Pong."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train_viper_dreamer as td
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As main() does: 2 OpenMP threads on shared cores stall each other at every small op."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_args(tmp, env_id, **kw):
+    base = dict(env_id=env_id, size="cpu", total_steps=300, prefill=100, batch_size=4, batch_length=16,
+                train_ratio=8.0, eval_every=300, eval_episodes=1, save_every=300, log_every=100,
+                replay_capacity=1000, output_dir=str(tmp), seed=0)
+    base.update(kw)
+    return td.Args(**base)
+
+
+def read_eval(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+# --- math ------------------------------------------------------------------------------------
+def test_symlog_symexp_inverse():
+    x = torch.tensor([-1e6, -123.4, -1.0, -1e-3, 0.0, 1e-3, 0.5, 1.0, 42.0, 1e6], dtype=torch.float64)
+    torch.testing.assert_close(td.symexp(td.symlog(x)), x)
+    torch.testing.assert_close(td.symlog(x), torch.sign(x) * torch.log(1 + x.abs()))  # compresses large values
+
+
+def test_twohot_round_trip():
+    bins = torch.linspace(-20, 20, td.BINS, dtype=torch.float64)
+    y = torch.tensor([-1e4, -3.3, -0.2, 0.0, 0.123, 1.0, 7.5, 999.0], dtype=torch.float64)
+    w = td.twohot(td.symlog(y), bins)
+    assert w.shape == (8, td.BINS)
+    torch.testing.assert_close(w.sum(-1), torch.ones(8, dtype=torch.float64))
+    assert ((w > 0).sum(-1) <= 2).all()
+    torch.testing.assert_close(td.symexp((w * bins).sum(-1)), y)  # decode(encode(y)) == y
+    # outside the bin range: all weight on the edge bin
+    far = td.twohot(torch.tensor([-50.0, 50.0]), bins.float())
+    assert far[0, 0] == 1 and far[1, -1] == 1
+    # the TwoHot distribution: its mean decodes the two-hot it is peaked on; log_prob is maximal there
+    logits = torch.log(w.float().clamp_min(1e-12))
+    dist = td.TwoHot(logits)
+    torch.testing.assert_close(dist.mean, y.float(), rtol=1e-4, atol=1e-4)
+    assert (dist.log_prob(y.float())[1:-1] > dist.log_prob(y.float() + 5)[1:-1]).all()
+
+
+def test_zero_init_heads_predict_zero():
+    head = td.TwoHotHead(10, 8, 1)
+    torch.testing.assert_close(head(torch.randn(5, 10)).mean, torch.zeros(5), atol=1e-6, rtol=0)
+
+
+def test_return_normaliser_percentile_ema():
+    norm = td.ReturnNorm()
+    ret = torch.arange(101, dtype=torch.float32)  # P5 = 5, P95 = 95
+    norm.update(ret)
+    torch.testing.assert_close(norm.lo, torch.tensor(0.05))  # EMA from 0 with decay 0.99
+    torch.testing.assert_close(norm.hi, torch.tensor(0.95))
+    assert norm.scale() == 1.0  # max(1, 0.9)
+    for _ in range(2000):
+        norm.update(ret)
+    torch.testing.assert_close(norm.lo, torch.tensor(5.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(norm.hi, torch.tensor(95.0), atol=1e-3, rtol=0)
+    torch.testing.assert_close(norm.scale(), torch.tensor(90.0), atol=1e-3, rtol=0)
+    small = td.ReturnNorm()
+    for _ in range(2000):
+        small.update(torch.linspace(0, 0.1, 50))
+    assert small.scale() == 1.0  # small returns are not amplified
+
+
+def test_lambda_returns_hand_computed():
+    reward = torch.tensor([[1.0, 1.0], [2.0, 2.0]])  # [H=2, N=2]
+    value = torch.tensor([[0.5, 0.5], [1.0, 1.0], [3.0, 3.0]])
+    cont = torch.tensor([[1.0, 1.0], [1.0, 0.0]])  # second trajectory ends after its last transition
+    ret = td.lambda_returns(reward, value, cont, gamma=0.9, lam=0.5)
+    # R1 = r1 + g c1 v2;  R0 = r0 + g c0 ((1 - l) v1 + l R1)
+    expected = torch.tensor([[1 + 0.9 * (0.5 * 1.0 + 0.5 * 4.7), 1 + 0.9 * (0.5 * 1.0 + 0.5 * 2.0)],
+                             [2 + 0.9 * 3.0, 2.0]])
+    torch.testing.assert_close(ret, expected)
+    # lambda = 1: discounted reward sum plus bootstrap; lambda = 0: one-step TD targets
+    torch.testing.assert_close(td.lambda_returns(reward[:, :1], value[:, :1], cont[:, :1], 0.9, 1.0),
+                               torch.tensor([[1 + 0.9 * 2 + 0.81 * 3], [2 + 0.9 * 3]]))
+    torch.testing.assert_close(td.lambda_returns(reward[:, :1], value[:, :1], cont[:, :1], 0.9, 0.0),
+                               torch.tensor([[1 + 0.9 * 1.0], [2 + 0.9 * 3]]))
+
+
+# --- networks ----------------------------------------------------------------------------------
+def test_rssm_shapes_unimix_and_reset():
+    torch.manual_seed(0)
+    B, T, A, E, D, S, C = 3, 6, 2, 20, 16, 4, 5
+    rssm = td.init_weights(td.RSSM(A, E, deter=D, units=12, stoch=S, classes=C))
+    embed, action = torch.randn(B, T, E), torch.rand(B, T, A) * 2 - 1
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = is_first[:, 3] = True
+    post, prior_logits = rssm.observe(embed, action, is_first)
+    assert post["deter"].shape == (B, T, D) and post["stoch"].shape == (B, T, S, C)
+    assert post["logits"].shape == prior_logits.shape == (B, T, S, C)
+    assert rssm.feat(post).shape == (B, T, D + S * C)
+    torch.testing.assert_close(post["stoch"].sum(-1), torch.ones(B, T, S))  # one-hot samples
+    assert (post["logits"].exp() >= td.UNIMIX / C - 1e-6).all() and (prior_logits.exp() >= td.UNIMIX / C - 1e-6).all()
+    # is_first resets the latent: the deterministic state at t=3 does not depend on steps before it
+    embed2, action2 = embed.clone(), action.clone()
+    embed2[:, :3], action2[:, :3] = torch.randn(B, 3, E), torch.rand(B, 3, A)
+    post2, _ = rssm.observe(embed2, action2, is_first)
+    torch.testing.assert_close(post2["deter"][:, 3], post["deter"][:, 3])
+    assert not torch.allclose(post2["deter"][:, 2], post["deter"][:, 2])
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_imagination_rollout_and_actor_gradients(tmp_path, discrete):
+    torch.manual_seed(0)
+    agent = td.Dreamer(td.Args(size="cpu"), 3, discrete)
+    N = 7
+    start = {k: v.detach().expand(N, *v.shape[1:]).clone() for k, v in agent.rssm.initial(1).items()}
+    start_cont = torch.tensor([1.0] * 6 + [0.0])  # the last start state is terminal
+    with td.frozen(agent.world_model, agent.critics):
+        traj, dists = agent.imagine(start, start_cont, backprop=not discrete)
+        loss, targets, _ = agent.actor_critic_loss(traj, dists, backprop=not discrete)
+    H = td.IMAG_HORIZON
+    assert traj["feat"].shape == (H + 1, N, agent.rssm.feat_dim)
+    assert traj["action"].shape == (H, N, 3) and traj["weight"].shape == (H + 1, N)
+    assert targets["task"].shape == (H, N)
+    torch.testing.assert_close(traj["weight"][0], start_cont)
+    assert (traj["weight"][:, -1] == 0).all()  # nothing after a terminal start counts
+    if discrete:
+        torch.testing.assert_close(traj["action"].sum(-1), torch.ones(H, N))
+    loss.backward()
+    assert all(p.grad is None for p in agent.world_model.parameters())  # the actor loss trains the actor only
+    assert all(p.grad is None for p in agent.critics.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.actor.parameters())
+
+
+def test_train_step_updates_everything():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    agent = td.Dreamer(td.Args(size="cpu"), 1, False)
+    replay = td.Replay(100, (64, 64, 3), 1, ["reward"])
+    for t in range(60):
+        replay.add(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, 1),
+                   reward=float(t % 3), is_first=t % 25 == 0, is_terminal=False)
+    batch = replay.sample(2, 10, rng)
+    assert batch["image"].shape == (2, 10, 64, 64, 3) and batch["is_first"][:, 0].all()
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    metrics = agent.train_step(batch)
+    after = agent.state_dict()
+    for prefix in ["encoder.", "rssm.", "decoder.", "heads.reward.", "cont.", "actor.", "critics.task.",
+                   "slow_critics.task.", "retnorms.task."]:
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_replay_ring_buffer_never_samples_across_write_head():
+    rng = np.random.default_rng(0)
+    replay = td.Replay(10, (2, 2, 3), 1, ["reward"])
+    for t in range(23):  # wraps twice; holds steps 13..22
+        replay.add(image=np.full((2, 2, 3), t, np.uint8), action=np.zeros(1), reward=float(t), is_first=False,
+                   is_terminal=False)
+    batch = replay.sample(200, 4, rng)
+    steps = batch["reward"]
+    assert steps.min() >= 13 and steps.max() <= 22
+    np.testing.assert_array_equal(np.diff(steps, axis=1), 1)  # consecutive steps, in order
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="dmc_cartpole_balanc"):
+        td.main(td.Args(env_id="dmc_cartpole_balanc"))
+    with pytest.raises(ValueError, match="--prefill"):
+        td.main(td.Args(prefill=10, batch_length=64))
+
+
+# --- end to end ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dmc_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dmc")
+    agent, counters = td.main(tiny_args(out, "dmc_cartpole_balance"))
+    return out, agent, counters
+
+
+def test_smoke_dmc_writes_checkpoint_and_eval(dmc_run):
+    out, agent, counters = dmc_run
+    assert counters["step"] == 300
+    assert counters["updates"] == int((300 - 100) * 8 / (4 * 16))  # --train-ratio honoured
+    rows = read_eval(out / "eval.csv")
+    assert rows[0] == ["step", "return"] and rows[1][0] == "300" and 0 <= float(rows[1][1]) <= 1000
+    assert (out / "replay.npz").exists() and (out / "eval_300.gif").exists()
+    ckpt = torch.load(out / "agent.pt", weights_only=False)
+    assert ckpt["counters"]["step"] == 300 and ckpt["args"]["env_id"] == "dmc_cartpole_balance"
+    # the policy other scripts load: stateful, resets at episode start, actions in the env's box
+    env = td.make_env("dmc_cartpole_balance", 0)
+    policy = td.load_agent_policy(str(out / "agent.pt"), env)
+    obs, _ = env.reset(seed=0)
+    assert policy.carry is None
+    a = policy(obs)
+    assert a.shape == (1,) and np.all(np.abs(a) <= 1) and policy.carry is not None
+    env.step(a)
+    env.reset(seed=1)
+    assert policy.carry is None  # env.reset() started a new latent
+    with pytest.raises(ValueError, match="action dim"):
+        td.load_agent_policy(str(out / "agent.pt"), td.make_env("atari_pong", 0))
+
+
+def test_resume_continues_at_saved_step_with_same_optimiser_state(dmc_run):
+    out, _, _ = dmc_run
+    saved = torch.load(out / "agent.pt", weights_only=False)
+    agent, counters = td.main(tiny_args(out, "dmc_cartpole_balance", resume=True))  # nothing left to do
+    assert counters["step"] == 300 and counters["updates"] == saved["counters"]["updates"]
+    state = agent.optim_state()
+
+    def assert_same(a, b):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert_same(a[k], b[k])
+        elif isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        elif isinstance(a, (list, tuple)):
+            for x, y in zip(a, b):
+                assert_same(x, y)
+        else:
+            assert a == b
+
+    assert_same(state, saved["optim"])
+    assert state["model"]["state"]  # Adam moments exist (not a fresh optimiser)
+    for k, v in saved["agent"].items():
+        torch.testing.assert_close(agent.state_dict()[k], v, rtol=0, atol=0)
+    agent, counters = td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=364, eval_every=64))
+    assert counters["step"] == 364 and counters["updates"] == saved["counters"]["updates"] + 64 * 8 // 64
+    rows = read_eval(out / "eval.csv")
+    assert [r[0] for r in rows] == ["step", "300", "320", "364"]  # header once, rows appended
+    with pytest.raises(ValueError, match="--size"):
+        td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, size="XS"))
+
+
+def test_smoke_pong_discrete(tmp_path):
+    agent, counters = td.main(tiny_args(tmp_path, "atari_pong", total_steps=200, eval_every=200, save_every=200))
+    assert agent.discrete and counters["step"] == 200 and counters["updates"] > 0
+    rows = read_eval(tmp_path / "eval.csv")
+    assert rows[1][0] == "200" and -21 <= float(rows[1][1]) <= 21
+    assert (tmp_path / "agent.pt").exists()
+    env = td.make_env("atari_pong", 0)
+    policy = td.load_agent_policy(str(tmp_path / "agent.pt"), env)
+    obs, _ = env.reset(seed=0)
+    a = policy(obs)
+    assert isinstance(a, int) and 0 <= a < env.action_space.n
