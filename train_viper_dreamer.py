@@ -1,10 +1,43 @@
-"""DreamerV3 from 64x64 pixels, in one file: the agent VIPER trains (part 1: the task-reward oracle).
+"""VIPER on a single-file DreamerV3 from 64x64 pixels: an agent rewarded by a video model, not by the task.
 
-Follows DreamerV3 as first published: Hafner et al., "Mastering Diverse Domains through World Models",
-arXiv:2301.04104 **v1 (January 2023)** and its code of that time, which is the version VIPER built on.
+VIPER (Escontrela et al., "Video Prediction Models as Rewards for Reinforcement Learning", NeurIPS 2023):
+a video model trained on expert videos scores how likely it finds the agent's own frames, and that
+log-likelihood is the reward. The agent never sees the task reward. Likelihood alone favours the single
+most likely (often motionless) behaviour, so an exploration bonus (Plan2Explore disagreement) is added.
+The agent is DreamerV3 as first published (Hafner et al., arXiv:2301.04104 **v1, January 2023**, and its
+code of that time), which VIPER built on; `--reward task` trains it on the env reward (the oracle).
 
-Algorithm
----------
+VIPER (`--reward viper --reward-model videogpt.pt`)
+--------------------------------------------------
+1. Reward model (frozen, inference only): videogpt.pt from train_videogpt.py holds a VQ-GAN (each frame
+   -> h x w discrete codes) and a class-conditional VideoGPT over code sequences of L frames taken every
+   k frames (L, k and the class map come from the checkpoint; the class label is --env-id). The reward
+   of step t looks at the window x_{t-(L-1)k}, ..., x_{t-k}, x_t:
+     conditional (paper formula, default):  r_t = log p(x_t | x_{t-(L-1)k}, ..., x_{t-k})
+     joint (official code's default):       r_t = log p(x_{t-(L-1)k}, ..., x_t)
+   a frame's log-probability being the sum over its h*w codes. Both are <= 0: closer to 0 = more expert-like.
+2. Scored at insert: `StepRewards` encodes each new frame once, keeps the episode's last (L-1)k+1 codes
+   and scores the new step alone, before it enters the replay; the reward is stored (replay field
+   `density`) and never recomputed. Episode starts use the available prefix with the same skip (the
+   first-steps rule of train_videogpt.py's `compute_rewards`, which these rewards equal exactly), so no
+   step is dropped; the reset frame gets log p(x_0), not 0 (0 would be the best possible reward).
+3. World model: a `density` two-hot head (like the reward head) predicts the stored VIPER reward from
+   the latent [h, z]; it replaces the reward head in the model's gradients (official `grad_heads:
+   [decoder, density, cont]`). The reward head exists only with --task-reward-scale > 0.
+4. Exploration (Plan2Explore): an ensemble of 8 MLPs, each predicting the next stochastic state
+   z_{t+1} (flattened one-hots) from (h_t, z_t, a_t), trained on replayed posterior states (detached)
+   with its own Adam optimiser. In imagination the reward of transition t -> t+1 is the ensemble's
+   disagreement: the std across members, averaged over the dimensions.
+5. Actor and critics: one critic per reward term with nonzero scale -- `density` (density head),
+   `disag` (disagreement), `task` (reward head) -- each with its own slow critic, return normaliser and
+   optimiser. The actor's advantage mixes the normalised advantages, weighted by the scales:
+     A = sum_k s_k (R^k_lambda - v_k) / max(1, P95_k - P5_k) / sum_k s_k.
+   --density-scale 1 --expl-scale 1 --task-reward-scale 0 (the defaults of --reward viper) is the
+   official `videogpt_prior_rb` setting. With --task-reward-scale 0 the env reward reaches no network:
+   it is stored (field `reward`) and logged only, and evaluation measures the true task return.
+
+DreamerV3 (both rewards)
+------------------------
 World model (trained on replayed 64-step chunks, batch 16, Adam lr 1e-4, eps 1e-8, grad-norm clip 1000):
   * CNN encoder: 4 stride-2 4x4 convs (64->32->16->8->4 px, channels d, 2d, 4d, 8d), LayerNorm + SiLU;
     input is image/255 - 0.5.
@@ -13,8 +46,8 @@ World model (trained on replayed 64-step chunks, batch 16, Adam lr 1e-4, eps 1e-
     ("unimix") and sampled with straight-through gradients. Posterior q(z|h,x), prior p(z|h).
     The initial h is learned (tanh of a parameter); z0 is the prior's mode.
   * Heads on feat = [h, z]: decoder (transposed CNN, mirror of the encoder, MSE summed over pixels),
-    reward (two-hot over 255 bins spaced evenly in symlog space on [-20, 20], zero-initialised output
-    layer), continue (Bernoulli logit, target 1 - is_terminal).
+    reward / density (two-hot over 255 bins spaced evenly in symlog space on [-20, 20], zero-initialised
+    output layer), continue (Bernoulli logit, target 1 - is_terminal).
   * KL balancing: 0.5 * max(1, KL[sg(q) || p]) + 0.1 * max(1, KL[q || sg(p)]) (free bits 1 nat, per step).
 Actor-critic (learned in imagination, Adam lr 3e-5, eps 1e-5, grad-norm clip 100):
   * Imagine 15 steps from every posterior state of the batch (16 x 64 starts) with the actor.
@@ -26,22 +59,20 @@ Actor-critic (learned in imagination, Adam lr 3e-5, eps 1e-5, grad-norm clip 100
   * Actor: REINFORCE for discrete actions (Atari), backpropagation through the learned dynamics for
     continuous actions (DMC); entropy bonus 3e-4; discrete: 1% unimix; continuous: Normal(tanh(mu),
     sigma) with sigma in [0.1, 1].
-  * Critics are a dict keyed by reward term, each with its own slow copy, optimiser and return
-    normaliser; the actor's advantage is the scale-weighted mean of their normalised advantages
-    (DreamerV3 code's `critics`/`scales`). Part 1 has one term, `task`.
 Data: one environment; uniform replay of 64-step chunks; `--train-ratio` replayed steps per env step,
 i.e. one update every batch_size * batch_length / train_ratio env steps once `--prefill` random steps
 are collected.
 
-Reward seam (VIPER, part 2): `StepRewards` labels each step once as it enters the replay (task: the env
-reward; VIPER will add the video-model likelihood); `Dreamer.imagined_rewards` turns imagined states into
-one reward per critic (task: the reward head); `WM_HEADS` lists the two-hot heads the world model fits to
-replay fields.
+Code map: `StepRewards` labels each step once as it enters the replay; `wm_heads(args)` maps the world
+model's two-hot heads to replay fields; `Dreamer.imagined_rewards` gives one imagined reward per critic;
+`critic_scales(args)` gives the mixing weights; critics, slow critics, return normalisers and critic
+optimisers are dicts keyed by reward term.
 
 Model sizes (`--size`; the paper's table: GRU units / dense units / CNN multiplier d / MLP layers):
   XS 256/256/24/1, S 512/512/32/2, M 1024/640/48/3, L 2048/768/64/4, XL 4096/1024/96/5 (32x32 latents).
   `cpu` (ours, for 2 CPU cores): GRU 128, dense 128, d 8, 1 layer, 16x16 latents; 1.2M parameters,
   ~0.5 CPU-s per update at batch 16 x 32 (S: ~11 CPU-s at 16 x 64; bench/bench_dreamer.py).
+  The ensemble members use the size's dense units and layers, as the official disag_head does.
 The paper trains DMC from pixels with train ratio 512 (one update every 2 env steps): ~50k updates per
 100k env steps, far beyond 2 CPU cores. The CPU recipe for dmc_cartpole_balance (~6k updates, ~1 h):
     python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-length 32 --train-ratio 32
@@ -59,21 +90,37 @@ Deliberate deviations from the paper/code (v1):
     norm's offset plays its role); prior logits are computed for the whole chunk after the posterior
     loop (same values, fewer sequential ops).
   * bf16 autocast only on CUDA (untested here: no GPU); fp32 on CPU. No parallel data loaders.
+  VIPER:
+  * No step is dropped at episode starts (the official code drops the first 15), and step 0 is scored.
+  * With --task-reward-scale 0 there is no reward head at all (the official code still trains one on the
+    env reward, outside the model's gradients, for logging): nothing learns from the env reward.
+  * Disagreement rewards transition t -> t+1 from the inputs (h_t, z_t, a_t) that predict z_{t+1} (the
+    Plan2Explore paper's definition; DreamerV3's code takes the ensemble at the arrival state t+1 with
+    its next action). Ensemble pairs that cross an episode start are left out of its loss. The ensemble
+    shares the world model's learning rate (official expl_opt: lr 1e-4 = the model's, eps 1e-5, clip 100).
+  * One env, so scoring is one window per env step (the official code scores batches from several envs).
+  * --reward-mode defaults to conditional (the paper's formula); the official code's default is joint.
 
-Files in --output-dir (default runs/<run name>): tensorboard events (episodic return/length, losses,
-SPS, achieved train ratio, eval return, eval film strips and open-loop predictions), eval.csv (one row per
-evaluation: step, mean return over --eval-episodes greedy episodes), eval_<step>.gif (first eval episode),
-agent.pt (all networks, optimisers, return normalisers, counters, RNG states, args as a dict; written
-atomically) and, with --save-replay, replay.npz (the replay, written atomically, so that --resume
-continues exactly enough: same weights, optimiser moments, normalisers, step, replay; the interrupted
-episode restarts).
-Replay memory: uint8 frames, 64*64*3 + 4*(action dims + 1) + 2 bytes ~= 12.3 KB per env step, allocated
+Files in --output-dir (default runs/<env-id>__<dreamer|viper>__<seed>__<time>): tensorboard events
+(true task episode return/length, and with VIPER the episode's VIPER return -- summed over the same
+steps as the task return --, their Pearson correlation over the last 20 episodes, and the share of wall
+time spent encoding and scoring frames; losses, SPS, achieved train ratio, eval return, eval film strips
+and open-loop predictions), eval.csv (one row per evaluation: step, mean true task return over
+--eval-episodes greedy episodes), eval_<step>.gif (first eval episode), agent.pt (all networks,
+Plan2Explore ensemble, optimisers, return normalisers, counters, RNG states, args as a dict; written
+atomically) and, with --save-replay, replay.npz (the replay with its stored rewards, written atomically,
+so that --resume continues exactly enough: same weights, optimiser moments, normalisers, step, replay;
+the interrupted episode restarts). The reward model is not copied: --resume needs --reward-model again.
+Replay memory: uint8 frames, 64*64*3 + 4*(action dims + 2) + 2 bytes ~= 12.3 KB per env step, allocated
 lazily: 100k steps = 1.2 GB, the 1M-step default capacity = 12.3 GB at most.
 
+    python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-length 32 --train-ratio 32 \
+        --reward viper --reward-model runs/videogpt/videogpt.pt          # VIPER (density + disagreement)
+    python train_viper_dreamer.py ... --reward viper --reward-model runs/videogpt/videogpt.pt --expl-scale 0
     python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-length 32 --train-ratio 32
     python train_viper_dreamer.py --env-id dmc_walker_walk --size S --train-ratio 512   # paper DMC setting
     python train_viper_dreamer.py --env-id atari_pong --size S --train-ratio 64
-    python train_viper_dreamer.py --output-dir runs/x --resume         # continue runs/x
+    python train_viper_dreamer.py --output-dir runs/x --resume         # continue runs/x (same flags)
 """
 
 import copy
@@ -99,8 +146,24 @@ from tqdm import tqdm
 class Args:
     env_id: str = "dmc_cartpole_balance"
     """environment: `dmc_<domain>_<task>` (DeepMind Control, continuous) or `atari_<game>` (discrete)"""
-    reward: Literal["task"] = "task"
-    """reward the agent learns from: `task` = the environment's reward (the oracle baseline)"""
+    reward: Literal["task", "viper"] = "task"
+    """reward the agent learns from: `task` = the environment's reward (the oracle baseline); `viper` = the
+    video model's log-likelihood of the agent's frames (needs --reward-model; the env reward is then only
+    logged and evaluated, unless --task-reward-scale > 0)"""
+    reward_model: Optional[str] = None
+    """videogpt.pt written by train_videogpt.py (--reward viper); its class map must hold --env-id"""
+    reward_mode: Literal["conditional", "joint"] = "conditional"
+    """VIPER reward of step t: `conditional` = log p(x_t | earlier frames of its window) (paper formula);
+    `joint` = log p(whole window ending at t) (official code's default)"""
+    density_scale: Optional[float] = None
+    """weight of the VIPER (`density`) critic in the actor's advantage (default: 1 with --reward viper;
+    must be 0 with --reward task)"""
+    expl_scale: Optional[float] = None
+    """weight of the Plan2Explore disagreement (`disag`) critic (default: 1 with --reward viper, 0 with
+    --reward task); 0 removes the ensemble"""
+    task_reward_scale: Optional[float] = None
+    """weight of the env-reward (`task`) critic (default: 0 with --reward viper, 1 with --reward task); 0 also
+    removes the world model's reward head, so the env reward reaches no gradient"""
     size: Literal["cpu", "XS", "S", "M", "L", "XL"] = "cpu"
     """model size preset (paper sizes XS..XL, or `cpu`: small enough for 2 CPU cores)"""
     total_steps: int = 100_000
@@ -137,7 +200,7 @@ class Args:
     seed: int = 0
     """seed of torch, numpy, the env (seed) and the eval env (seed + 1)"""
     output_dir: Optional[str] = None
-    """where logs and checkpoints go (default runs/<env-id>__dreamer__<seed>__<time>)"""
+    """where logs and checkpoints go (default runs/<env-id>__<dreamer|viper>__<seed>__<time>)"""
     resume: bool = False
     """continue the run in --output-dir from its agent.pt (and replay.npz if present)"""
     device: Optional[str] = None
@@ -164,6 +227,8 @@ IMAG_HORIZON, GAMMA, LAMBDA = 15, 1.0 - 1.0 / 333, 0.95
 ACTOR_ENT = 3e-4
 SLOW_CRITIC_MIX, SLOWREG = 0.02, 1.0
 RETNORM_DECAY, RETNORM_LO, RETNORM_HI = 0.99, 0.05, 0.95
+DISAG_MODELS = 8  # Plan2Explore ensemble members (VIPER/DreamerV3 code: disag_models 8)
+CORR_EPISODES = 20  # episodes in the logged correlation of VIPER and task returns
 MODEL_EPS, MODEL_CLIP = 1e-8, 1000.0  # Adam epsilon and global grad-norm clip of the world model
 AC_EPS, AC_CLIP = 1e-5, 100.0  # same, actor and critics
 PAPER_OPT = dict(model_lr=1e-4, actor_lr=3e-5, critic_lr=3e-5, adam_beta2=0.999)
@@ -458,7 +523,7 @@ class ChannelNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class Encoder(nn.Module):
+class ConvEncoder(nn.Module):  # "Conv": the VQ-GAN copy below owns the names Encoder/Decoder
     def __init__(self, depth):
         super().__init__()
         layers, c = [], 3
@@ -473,7 +538,7 @@ class Encoder(nn.Module):
         return self.net(x).flatten(1).reshape(*image.shape[:-3], self.out_dim)
 
 
-class Decoder(nn.Module):
+class ConvDecoder(nn.Module):
     def __init__(self, feat_dim, depth):
         super().__init__()
         self.depth = depth
@@ -591,10 +656,31 @@ class TwoHotHead(nn.Module):
         return TwoHot(self.out(self.net(feat)))
 
 
+class Ensemble(nn.Module):
+    """Plan2Explore: DISAG_MODELS one-step models (deter_t, stoch_t, action_t) -> stoch_{t+1}, flattened.
+
+    They see the same data from different random initialisations, so they agree where the data is and
+    disagree where it is not: the std across members, averaged over dimensions, rewards novelty.
+    """
+
+    def __init__(self, inp, out, units, layers, members=DISAG_MODELS):
+        super().__init__()
+        self.members = nn.ModuleList(nn.Sequential(mlp(inp, units, layers), nn.Linear(units, out))
+                                     for _ in range(members))
+
+    def forward(self, x):  # [..., inp] -> predictions of every member [members, ..., out]
+        return torch.stack([m(x) for m in self.members])
+
+    def disagreement(self, x):  # [..., inp] -> [...]
+        pred = self(x).float()
+        var = ((pred - pred.mean(0)) ** 2).mean(0)  # = std(0, correction=0) ** 2; torch.std over the leading
+        return var.sqrt().mean(-1)  # dim is ~20x slower on CPU (a strided reduction)
+
+
 @contextmanager
 def frozen(*modules):
-    """Parameters get no gradient inside (gradients still flow *through* the modules)."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    """Parameters get no gradient inside (gradients still flow *through* the modules). None is skipped."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
     try:
@@ -605,36 +691,447 @@ def frozen(*modules):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reward seam (VIPER, part 2 hooks in here)
+# VIPER reward model: inference-only copies of the VQ-GAN (train_vqgan.py) and the VideoGPT with its
+# reward (train_videogpt.py). Loaded from the self-contained videogpt.pt by `load_videogpt`.
 # ---------------------------------------------------------------------------------------------
-# World-model two-hot heads: head name -> replay field it is trained to predict. VIPER adds
-# `density` -> the video-model reward (and keeps `reward` out of the model's gradients).
-WM_HEADS = {"reward": "reward"}
+# ==== VQGAN: copied verbatim into train_videogpt.py and train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+def vq_norm(c):
+    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = vq_norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = vq_norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of the coarsest grid."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.qkv, self.proj = vq_norm(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2)
+        return x + self.proj(h.reshape(B, C, H, W))
+
+
+class Encoder(nn.Sequential):
+    def __init__(self, ch, ch_mult, num_res_blocks, embed_dim):
+        layers, c = [nn.Conv2d(3, ch, 3, padding=1)], ch
+        for i, m in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(c, ch * m))
+                c = ch * m
+            if i < len(ch_mult) - 1:
+                layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))  # downsample 2x
+        layers += [ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]  # middle block at the token resolution
+        layers += [vq_norm(c), nn.SiLU(), nn.Conv2d(c, embed_dim, 3, padding=1)]
+        super().__init__(*layers)
+
+
+class Decoder(nn.Sequential):
+    def __init__(self, ch, ch_mult, num_res_blocks, embed_dim):
+        c = ch * ch_mult[-1]
+        layers = [nn.Conv2d(embed_dim, c, 3, padding=1), ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]
+        for i in reversed(range(len(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResBlock(c, ch * ch_mult[i]))
+                c = ch * ch_mult[i]
+            if i > 0:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+        layers += [vq_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+        super().__init__(*layers)
+
+
+class Quantizer(nn.Module):
+    """Nearest codebook entry by cosine similarity (l2-normalised codes, as in ViT-VQGAN)."""
+
+    def __init__(self, codebook_size, embed_dim):
+        super().__init__()
+        self.codebook = nn.Embedding(codebook_size, embed_dim)
+
+    def lookup(self, codes):  # long [B,h,w] -> unit vectors [B,D,h,w]
+        return F.normalize(self.codebook(codes), dim=-1).permute(0, 3, 1, 2)
+
+    def forward(self, z):  # unit vectors [B,D,h,w] -> codes long [B,h,w]
+        with torch.autocast(z.device.type, enabled=False):  # pick codes in fp32
+            sim = torch.einsum("bdhw,kd->bhwk", z.float(), F.normalize(self.codebook.weight.float(), dim=-1))
+        return sim.argmax(-1)
+
+
+class VQGAN(nn.Module):
+    """frames -> encoder -> unit vectors z -> nearest codes -> codebook vectors -> decoder -> frames."""
+
+    def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                 codebook_size=256, embed_dim=64):
+        super().__init__()
+        self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
+        self.decoder = Decoder(base_channels, channel_mult, num_res_blocks, embed_dim)
+        self.quantizer = Quantizer(codebook_size, embed_dim)
+        self.image_size, self.codebook_size = image_size, codebook_size
+        self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
+
+    def forward(self, x):
+        """x float [B,3,H,W] in [-1,1] -> (reconstruction, z, codebook vectors e, codes)."""
+        z = F.normalize(self.encoder(x), dim=1)
+        codes = self.quantizer(z)
+        e = self.quantizer.lookup(codes)
+        return self.decoder(z + (e - z).detach()), z, e, codes  # straight-through estimator
+
+    @torch.inference_mode()
+    def encode(self, frames, chunk_size=256):
+        """uint8 [N,H,W,3] (tensor or array) -> codes long [N,h,w], on the model's device."""
+        frames = torch.as_tensor(frames)
+        if frames.dtype != torch.uint8 or frames.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"encode expects uint8 [N,{self.image_size},{self.image_size},3], "
+                             f"got {frames.dtype} {tuple(frames.shape)}")
+        device = self.quantizer.codebook.weight.device
+        codes = [torch.zeros(0, *self.token_hw, dtype=torch.long, device=device)]
+        for i in range(0, len(frames), chunk_size):
+            x = frames[i:i + chunk_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            codes.append(self.quantizer(F.normalize(self.encoder(x), dim=1)))
+        return torch.cat(codes)
+
+    @torch.inference_mode()
+    def decode(self, codes, chunk_size=256):
+        """codes long [N,h,w] -> frames uint8 [N,H,W,3], on the model's device."""
+        device = self.quantizer.codebook.weight.device
+        out = [torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=device)]
+        for i in range(0, len(codes), chunk_size):
+            x = self.decoder(self.quantizer.lookup(codes[i:i + chunk_size].to(device)))
+            out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+        return torch.cat(out)
+
+
+def load_vqgan(ckpt, device="cpu"):
+    """Rebuild a trained VQGAN (eval mode) from the dict saved as vqgan.pt by train_vqgan.py."""
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "vqgan":
+        raise ValueError("not a VQGAN checkpoint (expected the vqgan.pt dict written by train_vqgan.py)")
+    a = ckpt["args"]
+    model = VQGAN(ckpt["image_size"], a["base_channels"], tuple(ckpt["channel_mult"]), a["num_res_blocks"],
+                  ckpt["codebook_size"], ckpt["embed_dim"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+# ==== END VQGAN ====
+
+
+# ==== VIDEOGPT: copied verbatim into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+class KVCache:
+    """Keys and values of the positions already processed, so sampling costs one token per step."""
+
+    def __init__(self, batch, heads, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0
+
+    def append(self, k, v):
+        n = k.shape[2]
+        self.k[:, :, self.len:self.len + n] = k
+        self.v[:, :, self.len:self.len + n] = v
+        self.len += n
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width, heads, dropout):
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not divisible by {heads} heads"
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, cache=None):
+        B, S, C = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        past = k.shape[2] - S  # positions before the first query (from the cache)
+        mask = None
+        if past > 0 and S > 1:  # new queries see all cached positions, and causally each other
+            mask = torch.ones(S, past + S, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and S > 1),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, S, C)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width, heads, mlp_dim, dropout):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, width), nn.Dropout(dropout))
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class VideoGPT(nn.Module):
+    """Causal transformer over a clip's codes [B, n, h, w] (n <= seq_len frames), raster order (time, row, col).
+
+    Position i of the input holds token i-1 (a learned start token at i = 0) plus the embedding of
+    position i = (t, r, c), so the output at i predicts token i knowing where it lies.
+    """
+
+    def __init__(self, vocab_size, seq_len, token_hw, width=256, num_layers=8, num_heads=8, mlp_dim=1024,
+                 dropout=0.1, num_classes=0):
+        super().__init__()
+        h, w = token_hw
+        self.vocab_size, self.seq_len, self.token_hw = vocab_size, seq_len, (h, w)
+        self.tok_emb = nn.Embedding(vocab_size, width)
+        self.start = nn.Parameter(0.02 * torch.randn(width))
+        self.pos_t = nn.Parameter(0.02 * torch.randn(seq_len, width))  # factorised: time + row + col
+        self.pos_r = nn.Parameter(0.02 * torch.randn(h, width))
+        self.pos_c = nn.Parameter(0.02 * torch.randn(w, width))
+        self.class_emb = nn.Embedding(num_classes, width) if num_classes > 0 else None
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, num_heads, mlp_dim, dropout) for _ in range(num_layers))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def pos_emb(self):
+        """[seq_len*h*w, width] embedding of every position in raster order."""
+        return (self.pos_t[:, None, None] + self.pos_r[None, :, None] + self.pos_c[None, None, :]).flatten(0, 2)
+
+    def _check_labels(self, labels, batch):
+        if (self.class_emb is None) != (labels is None):
+            raise ValueError("a class-conditional model needs labels; an unconditional one takes none")
+        return 0 if labels is None else self.class_emb(labels.expand(batch))[:, None]
+
+    def _run(self, x, caches=None):
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.head(self.ln_f(x))
+
+    def forward(self, codes, labels=None):
+        """codes long [B, n, h, w] -> logits [B, n*h*w, vocab]; logits[:, i] predict flattened token i."""
+        B, n = codes.shape[:2]
+        if n > self.seq_len or tuple(codes.shape[2:]) != self.token_hw:
+            raise ValueError(f"codes {tuple(codes.shape)} do not fit [B, <={self.seq_len}, *{self.token_hw}]")
+        tokens = codes.flatten(1)
+        x = torch.cat([self.start.expand(B, 1, -1), self.tok_emb(tokens[:, :-1])], 1)
+        return self._run(x + self.pos_emb()[:tokens.shape[1]] + self._check_labels(labels, B))
+
+    def frame_log_probs(self, codes, labels=None):
+        """log p of every frame of the clip given the frames before it: [B, n] (sum over its h*w tokens)."""
+        B, n = codes.shape[:2]
+        logp = self(codes, labels).float().log_softmax(-1)
+        logp = logp.gather(-1, codes.flatten(1)[..., None])[..., 0]
+        return logp.view(B, n, -1).sum(-1)
+
+    @torch.no_grad()
+    def sample(self, context, num_frames, temperature=1.0, labels=None, generator=None):
+        """Continue context codes [B, c, h, w] by num_frames frames, one token at a time with a KV cache.
+
+        temperature 0 takes the most likely token (greedy). Returns codes [B, c + num_frames, h, w].
+        """
+        B, c = context.shape[:2]
+        hw = self.token_hw[0] * self.token_hw[1]
+        total = (c + num_frames) * hw
+        if c + num_frames > self.seq_len:
+            raise ValueError(f"context {c} + {num_frames} frames exceed the model's {self.seq_len} frames")
+        pos, cls = self.pos_emb(), self._check_labels(labels, B)
+        head_dim = self.start.shape[0] // self.blocks[0].attn.heads
+        caches = [KVCache(B, b.attn.heads, total, head_dim, context.device, self.start.dtype) for b in self.blocks]
+        tokens = context.flatten(1)
+        x = torch.cat([self.start.expand(B, 1, -1), self.tok_emb(tokens)], 1)  # start + context
+        logits = self._run(x + pos[:tokens.shape[1] + 1] + cls, caches)[:, -1]
+        out = [tokens]
+        for i in range(c * hw, total):  # logits predict token i
+            if temperature == 0:
+                tok = logits.argmax(-1)
+            else:
+                probs = (logits.float() / temperature).softmax(-1)
+                tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            out.append(tok[:, None])
+            if i + 1 < total:
+                logits = self._run(self.tok_emb(tok)[:, None] + pos[i + 1] + cls, caches)[:, -1]
+        return torch.cat(out, 1).view(B, c + num_frames, *self.token_hw)
+
+
+class RewardModel:
+    """VQ-GAN + VideoGPT: frames -> VIPER rewards, and open-loop samples.
+
+    model and vqgan are in eval mode; seq_len L and frame_skip k are those the model was trained with;
+    class_map ({task: label}) is None for an unconditional model (then `task` is ignored).
+    max_tokens bounds the tokens per forward pass (memory).
+    """
+
+    def __init__(self, model, vqgan, seq_len, frame_skip, class_map=None, max_tokens=32768):
+        self.model, self.vqgan = model.eval(), vqgan.eval()
+        self.seq_len, self.frame_skip, self.class_map = seq_len, frame_skip, class_map
+        self.max_tokens = max_tokens
+
+    @property
+    def device(self):
+        return self.model.start.device
+
+    def labels(self, task):
+        if self.class_map is None:
+            return None
+        if task not in self.class_map:
+            raise ValueError(f"task {task!r} is not in the video model's class map; known tasks: {sorted(self.class_map)}")
+        return torch.tensor([self.class_map[task]], device=self.device)
+
+    @torch.inference_mode()
+    def encode(self, frames):
+        """uint8 frames [B, T, H, W, 3] (tensor or array) -> codes long [B, T, h, w] on self.device."""
+        frames = torch.as_tensor(frames)
+        if frames.dim() != 5 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+            raise ValueError(f"frames must be uint8 [B, T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+        return self.vqgan.encode(frames.flatten(0, 1)).view(*frames.shape[:2], *self.model.token_hw).long()
+
+    @torch.inference_mode()
+    def rewards_from_codes(self, codes, task=None, mode="conditional", first_step=0):
+        """VIPER rewards from codes long [B, T, h, w]: float [B, T - first_step] (CPU), steps first_step..T-1.
+
+        The window ending at step t holds frames t-(L-1)k, ..., t-k, t. First-steps rule: while t < (L-1)k
+        the window is the available prefix with the same skip, frames t - jk >= 0 (n = t//k + 1 of them,
+        so step 0 is scored by log p(x_0) alone). conditional: r_t = log p(x_t | earlier frames of the
+        window); joint: r_t = log p(all frames of the window). first_step lets a caller that keeps an
+        episode's codes score only its new steps (the history before first_step is used as context).
+        """
+        if mode not in ("conditional", "joint"):
+            raise ValueError(f"reward mode must be 'conditional' or 'joint', got {mode!r}")
+        labels = self.labels(task)
+        codes = codes.to(self.device).long()
+        B, T = codes.shape[:2]
+        L, k = self.seq_len, self.frame_skip
+        t = torch.arange(first_step, T, device=self.device)
+        if len(t) == 0:
+            return torch.zeros(B, 0)
+        n = (t // k + 1).clamp(max=L)  # frames in the window ending at t
+        j = torch.arange(L, device=self.device)
+        idx = t[:, None] - (n[:, None] - 1 - j) * k  # slot j of window t -> frame index
+        idx = torch.where(j < n[:, None], idx, t[:, None])  # slots past the prefix: any frame (causal: ignored)
+        windows = torch.arange(B * len(t), device=self.device)  # window w: episode w // len(t), step t[w % len(t)]
+        per_pass = max(1, self.max_tokens // (L * codes[0, 0].numel()))
+        logp = torch.cat([self.model.frame_log_probs(codes[w[:, None] // len(t), idx[w % len(t)]], labels)
+                          for w in windows.split(per_pass)]).view(B, len(t), L)
+        if mode == "conditional":
+            r = logp.gather(-1, (n - 1).expand(B, -1)[..., None])[..., 0]
+        else:
+            r = (logp * (j < n[:, None])).sum(-1)
+        return r.float().cpu()
+
+    def compute_rewards(self, frames, task=None, mode="conditional", first_step=0):
+        """VIPER rewards of uint8 frames [B, T, H, W, 3] -> float [B, T - first_step]; see rewards_from_codes."""
+        return self.rewards_from_codes(self.encode(frames), task, mode, first_step)
+
+    @torch.inference_mode()
+    def sample(self, context_frames, num_frames, temperature=1.0, task=None, generator=None):
+        """Open-loop video: uint8 context [B, c, H, W, 3] -> uint8 [B, c + num_frames, H, W, 3] (context re-decoded)."""
+        codes = self.model.sample(self.encode(context_frames), num_frames, temperature, self.labels(task), generator)
+        frames = self.vqgan.decode(codes.flatten(0, 1))
+        return frames.view(*codes.shape[:2], *frames.shape[1:])
+
+
+def load_videogpt(ckpt, device="cpu"):
+    """videogpt.pt dict (torch.load) -> RewardModel on device, EMA weights."""
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "videogpt":
+        raise ValueError("not a videogpt.pt checkpoint (expected a dict with kind='videogpt')")
+    a, class_map = ckpt["args"], ckpt["class_map"]
+    model = VideoGPT(ckpt["vqgan"]["codebook_size"], ckpt["seq_len"], tuple(ckpt["token_hw"]), a["width"],
+                     a["num_layers"], a["num_heads"], a["mlp_dim"], a["dropout"], len(class_map) if class_map else 0)
+    model.load_state_dict(ckpt["model"])
+    vqgan = load_vqgan(ckpt["vqgan"], device)
+    return RewardModel(model.to(device), vqgan, ckpt["seq_len"], ckpt["frame_skip"], class_map)
+# ==== END VIDEOGPT ====
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward terms: what each step is labelled with, which heads fit the labels, which critics learn
+# ---------------------------------------------------------------------------------------------
+def reward_scales(args):
+    """Weights of the three reward terms (flags where given, else the defaults of --reward)."""
+    viper = args.reward == "viper"
+    defaults = dict(density=1.0 if viper else 0.0, disag=1.0 if viper else 0.0, task=0.0 if viper else 1.0)
+    flags = dict(density=args.density_scale, disag=args.expl_scale, task=args.task_reward_scale)
+    return {k: defaults[k] if flags[k] is None else float(flags[k]) for k in defaults}
+
+
+def critic_scales(args):
+    """Reward terms the actor maximises (one critic each) and their weights: the terms with nonzero scale."""
+    return {k: v for k, v in reward_scales(args).items() if v != 0}
+
+
+def wm_heads(args):
+    """World-model two-hot heads: head name -> replay field it predicts (and the imagined reward it gives).
+
+    Only heads of terms with nonzero scale exist (official VIPER `grad_heads: [decoder, density, cont]`):
+    with --task-reward-scale 0 there is no reward head, so the env reward reaches no gradient at all.
+    """
+    scales = critic_scales(args)
+    return {name: field for name, field, term in [("reward", "reward", "task"), ("density", "density", "density")]
+            if term in scales}
 
 
 class StepRewards:
     """Labels each step ONCE as it enters the replay: returns the replay reward fields of the step.
 
-    `--reward task`: the env reward. VIPER (part 2) adds the video-model log-likelihood of the frame,
-    scored here in batches at insert time from the episode's recent frames, and never recomputed.
+    `reward`: the env reward (received on arriving at the step's frame; 0 at a reset). With a reward model
+    (VIPER) also `density`: the video model's reward of the step. Each new frame is encoded to codes once,
+    as it arrives; the episode's last (L-1)k+1 codes are kept (all a window of L frames with skip k can
+    reach) and the new step alone is scored with `rewards_from_codes(..., first_step=last)`, which equals
+    `compute_rewards` over the whole episode: while the episode is shorter than the window, nothing has
+    been dropped and the local index is the episode index (same first-steps rule); after that the local
+    index (L-1)k already gets a full window. The reset frame (step 0) is scored too, by the same rule
+    (log p(x_0) alone); it is not given 0 as the env reward is, because in log-likelihood units 0 is the
+    best possible reward: the density head would learn that reset-like states are the most expert-like.
     """
 
-    fields = ("reward",)
+    def __init__(self, args, reward_model=None):
+        self.task, self.mode, self.rm = args.env_id, args.reward_mode, reward_model
+        self.fields = ("reward",) if reward_model is None else ("reward", "density")
+        self.keep = None if reward_model is None else (reward_model.seq_len - 1) * reward_model.frame_skip + 1
+        self.codes = None  # the current episode's last `keep` codes [n, h, w]
+        self.seconds = 0.0  # wall time spent encoding and scoring (logged as a share of the run's)
 
-    def __init__(self, args):
-        self.args = args
+    def _density(self, frame):
+        t0 = time.perf_counter()
+        code = self.rm.encode(np.ascontiguousarray(frame)[None, None])[0]  # [1, h, w]
+        self.codes = code if self.codes is None else torch.cat([self.codes, code])[-self.keep:]
+        r = self.rm.rewards_from_codes(self.codes[None], self.task, self.mode, first_step=len(self.codes) - 1)
+        self.seconds += time.perf_counter() - t0
+        return float(r[0, 0])
 
     def reset(self, frame):
         """A new episode starts with this (reset) frame; returns the fields of that first step."""
-        return {"reward": 0.0}
+        self.codes = None
+        return {"reward": 0.0} if self.rm is None else {"reward": 0.0, "density": self._density(frame)}
 
     def __call__(self, frame, env_reward):
-        return {"reward": float(env_reward)}
+        fields = {"reward": float(env_reward)}
+        if self.rm is not None:
+            fields["density"] = self._density(frame)
+        return fields
 
 
-def critic_scales(args):
-    """Reward terms the actor maximises, each with its own critic, and their weights."""
-    return {"task": 1.0}
+def pearson(x, y):
+    """Pearson correlation of two sequences; nan when either is constant or has fewer than 3 values."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,16 +1195,19 @@ class Dreamer(nn.Module):
             raise ValueError(f"unknown --size {args.size!r}; choose from {', '.join(SIZES)}")
         s = SIZES[args.size]
         self.act_dim, self.discrete = act_dim, discrete
-        self.encoder = Encoder(s["depth"])
+        self.encoder = ConvEncoder(s["depth"])
         self.rssm = RSSM(act_dim, self.encoder.out_dim, s["deter"], s["units"], s["stoch"], s["classes"])
         feat = self.rssm.feat_dim
-        self.decoder = Decoder(feat, s["depth"])
-        self.heads = nn.ModuleDict({name: TwoHotHead(feat, s["units"], s["layers"]) for name in WM_HEADS})
+        self.decoder = ConvDecoder(feat, s["depth"])
+        self.wm_heads = wm_heads(args)
+        self.heads = nn.ModuleDict({name: TwoHotHead(feat, s["units"], s["layers"]) for name in self.wm_heads})
         self.cont = nn.Sequential(mlp(feat, s["units"], s["layers"]), nn.Linear(s["units"], 1))
         self.actor = Actor(feat, act_dim, discrete, s["units"], s["layers"])
         self.scales = critic_scales(args)
         self.critics = nn.ModuleDict({k: TwoHotHead(feat, s["units"], s["layers"]) for k in self.scales})
         self.retnorms = nn.ModuleDict({k: ReturnNorm() for k in self.scales})
+        self.ensemble = (Ensemble(feat + act_dim, s["stoch"] * s["classes"], s["units"], s["layers"])
+                         if "disag" in self.scales else None)
         init_weights(self)
         for head in [*self.heads.values(), *self.critics.values()]:
             init_weights(head.out, scale=0.0)  # zero-initialised two-hot outputs
@@ -720,16 +1220,22 @@ class Dreamer(nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=opt["actor_lr"], eps=AC_EPS, betas=betas)
         self.critic_opts = {k: torch.optim.Adam(c.parameters(), lr=opt["critic_lr"], eps=AC_EPS, betas=betas)
                             for k, c in self.critics.items()}
+        # the ensemble's own optimiser: official expl_opt is lr 1e-4 (= the model's), eps 1e-5, clip 100
+        self.expl_opt = (torch.optim.Adam(self.ensemble.parameters(), lr=opt["model_lr"], eps=AC_EPS, betas=betas)
+                         if self.ensemble is not None else None)
 
     def optim_state(self):
         return dict(model=self.model_opt.state_dict(), actor=self.actor_opt.state_dict(),
-                    critics={k: o.state_dict() for k, o in self.critic_opts.items()})
+                    critics={k: o.state_dict() for k, o in self.critic_opts.items()},
+                    expl=None if self.expl_opt is None else self.expl_opt.state_dict())
 
     def load_optim_state(self, state):
         self.model_opt.load_state_dict(state["model"])
         self.actor_opt.load_state_dict(state["actor"])
         for k, o in self.critic_opts.items():
             o.load_state_dict(state["critics"][k])
+        if self.expl_opt is not None:
+            self.expl_opt.load_state_dict(state["expl"])
 
     # --- acting ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -749,11 +1255,28 @@ class Dreamer(nn.Module):
 
     # --- learning -------------------------------------------------------------------------------
     def imagined_rewards(self, traj):
-        """Reward of each imagined transition t -> t+1 for every critic, from the states it arrives at.
+        """Reward of each imagined transition t -> t+1 [H, N] for every critic.
 
-        VIPER (part 2) adds `density` (the density head) and `disag` (Plan2Explore ensemble disagreement).
+        task, density: the reward / density head at the state it arrives at (replay step t is labelled with
+        the reward of arriving at frame t). disag: the ensemble's disagreement about that transition,
+        from (h_t, z_t, a_t).
         """
-        return {"task": self.heads["reward"](traj["feat"][1:]).mean}
+        heads = {"task": "reward", "density": "density"}
+        rewards = {k: self.heads[heads[k]](traj["feat"][1:]).mean for k in self.scales if k in heads}
+        if "disag" in self.scales:
+            rewards["disag"] = self.ensemble.disagreement(torch.cat([traj["feat"][:-1], traj["action"]], -1))
+        return rewards
+
+    def ensemble_loss(self, post, batch):
+        """Each member regresses (MSE summed over dims) z_{t+1} on (h_t, z_t, a_{t+1}) of replayed posterior
+        states (detached: the ensemble does not shape the world model). In the replay, action[t+1] led from
+        step t to t+1; pairs that cross an episode start are skipped."""
+        feat = self.rssm.feat({k: v.detach() for k, v in post.items()})
+        inp = torch.cat([feat[:, :-1], batch["action"][:, 1:]], -1)
+        target = post["stoch"][:, 1:].detach().flatten(-2)
+        mask = (~batch["is_first"][:, 1:]).float()
+        err = ((self.ensemble(inp).float() - target) ** 2).sum(-1)  # [members, B, T-1]
+        return ((err * mask).sum((1, 2)) / mask.sum().clamp(min=1)).sum()
 
     def world_model_loss(self, batch):
         embed = self.encoder(batch["image"])
@@ -762,7 +1285,7 @@ class Dreamer(nn.Module):
         target = batch["image"].permute(0, 1, 4, 2, 3).float() / 255.0
         err = self.decoder(feat).float() - target
         losses = {"image": (err * err).sum((-3, -2, -1))}  # MSE summed over pixels (x*x: faster than pow)
-        for name, field in WM_HEADS.items():
+        for name, field in self.wm_heads.items():
             losses[name] = -self.heads[name](feat).log_prob(batch[field])
         cont_target = 1.0 - batch["is_terminal"].float()
         losses["cont"] = F.binary_cross_entropy_with_logits(self.cont(feat)[..., 0].float(), cont_target, reduction="none")
@@ -831,11 +1354,16 @@ class Dreamer(nn.Module):
         with autocast:
             model_loss, post, metrics = self.world_model_loss(batch)
         metrics["grad_norm/model"] = step(self.model_opt, model_loss, self.world_model.parameters(), MODEL_CLIP)
+        if self.ensemble is not None:
+            with autocast:
+                expl_loss = self.ensemble_loss(post, batch)
+            metrics["loss/ensemble"] = expl_loss.item()
+            metrics["grad_norm/ensemble"] = step(self.expl_opt, expl_loss, self.ensemble.parameters(), AC_CLIP)
 
         backprop = not self.discrete  # continuous: backprop through dynamics; discrete: REINFORCE
         start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
         start_cont = 1.0 - batch["is_terminal"].flatten().float()
-        with frozen(self.world_model, self.critics), autocast:
+        with frozen(self.world_model, self.critics, self.ensemble), autocast:
             traj, dists = self.imagine(start, start_cont, backprop)
             actor_loss, targets, m = self.actor_critic_loss(traj, dists, backprop)
         metrics.update(m)
@@ -1017,18 +1545,50 @@ def validate(args):
         raise ValueError(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
     if args.resume and not args.output_dir:
         raise ValueError("--resume needs --output-dir of the run to continue")
+    if args.reward not in ("task", "viper"):
+        raise ValueError(f"unknown --reward {args.reward!r}; choose task or viper")
+    if args.reward_mode not in ("conditional", "joint"):
+        raise ValueError(f"unknown --reward-mode {args.reward_mode!r}; choose conditional or joint")
+    if args.reward == "viper" and not args.reward_model:
+        raise ValueError("--reward viper needs --reward-model PATH (videogpt.pt written by train_videogpt.py)")
+    if args.reward == "task" and args.reward_model:
+        raise ValueError("--reward-model is only used with --reward viper")
+    flags = dict(density="--density-scale", disag="--expl-scale", task="--task-reward-scale")
+    for k, v in reward_scales(args).items():
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{flags[k]} must be a finite number >= 0, got {v}")
+    if args.reward == "task" and reward_scales(args)["density"] != 0:
+        raise ValueError("--density-scale needs --reward viper (the density is the video model's reward)")
+    if not critic_scales(args):
+        raise ValueError("--density-scale, --expl-scale and --task-reward-scale are all 0: nothing to learn")
+
+
+def load_reward_model(args, device, frame_size):
+    """videogpt.pt -> RewardModel, checked against this run: its class map must know --env-id (the task
+    label) and its VQ-GAN must take the env's frames."""
+    if not os.path.isfile(args.reward_model):
+        raise FileNotFoundError(f"--reward-model {args.reward_model!r} does not exist")
+    rm = load_videogpt(torch.load(args.reward_model, map_location="cpu", weights_only=False), device)
+    rm.labels(args.env_id)  # raises, listing the known tasks, if the class map lacks this one
+    if rm.vqgan.image_size != frame_size:
+        raise ValueError(f"--reward-model {args.reward_model!r} takes {rm.vqgan.image_size}px frames; "
+                         f"{args.env_id} gives {frame_size}px")
+    return rm
 
 
 def main(args: Args):
     validate(args)
     from torch.utils.tensorboard import SummaryWriter
 
-    out = args.output_dir or os.path.join("runs", f"{args.env_id}__dreamer__{args.seed}__{int(time.time())}")
+    name = "viper" if args.reward == "viper" else "dreamer"
+    out = args.output_dir or os.path.join("runs", f"{args.env_id}__{name}__{args.seed}__{int(time.time())}")
     ckpt_path, replay_path, csv_path = (os.path.join(out, f) for f in ("agent.pt", "replay.npz", "eval.csv"))
     if args.resume and not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    os.makedirs(out, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # VIPER: the frozen video model (checked before anything is written; make_env gives 64px frames)
+    reward_model = load_reward_model(args, device, 64) if args.reward == "viper" else None
+    os.makedirs(out, exist_ok=True)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -1038,19 +1598,24 @@ def main(args: Args):
     env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed + 1)
     act_dim, discrete = action_spec(env)
     agent = Dreamer(args, act_dim, discrete).to(device)
-    labeler = StepRewards(args)
+    labeler = StepRewards(args, reward_model)
     replay = Replay(args.replay_capacity, env.observation_space.shape, act_dim, labeler.fields)
     keep_freed_memory()  # after the replay's lazy allocation
-    counters = dict(step=0, updates=0, credit=0.0, episodes=0)
+    # episode_returns: (VIPER return, task return) of the last CORR_EPISODES episodes, for their correlation
+    counters = dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[])
     if args.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for key in ["env_id", "size", "reward"]:
-            if ckpt["args"][key] != getattr(args, key):
-                raise ValueError(f"--resume: checkpoint has --{key.replace('_', '-')} {ckpt['args'][key]!r}, "
+        saved = Args(**ckpt["args"])
+        for key in ["env_id", "size", "reward", "reward_mode"]:
+            if getattr(saved, key) != getattr(args, key):
+                raise ValueError(f"--resume: checkpoint has --{key.replace('_', '-')} {getattr(saved, key)!r}, "
                                  f"this command {getattr(args, key)!r}")
+        if reward_scales(saved) != reward_scales(args):
+            raise ValueError(f"--resume: checkpoint has reward scales {reward_scales(saved)}, this command "
+                             f"{reward_scales(args)} (--density-scale, --expl-scale, --task-reward-scale)")
         agent.load_state_dict(ckpt["agent"])
         agent.load_optim_state(ckpt["optim"])
-        counters = ckpt["counters"]
+        counters = {"episode_returns": [], **ckpt["counters"]}
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
@@ -1095,10 +1660,25 @@ def main(args: Args):
         if args.save_replay:
             replay.save(replay_path)
 
-    obs, carry, ep_ret, ep_len = new_episode(), None, 0.0, 0
+    def end_episode():
+        """Log the finished episode: true task return and, with VIPER, its VIPER return and their correlation."""
+        counters["episodes"] += 1
+        s_ = counters["step"]
+        writer.add_scalar("charts/episodic_return", ep_ret, s_)  # the true task return, whatever --reward is
+        writer.add_scalar("charts/episodic_length", ep_len, s_)
+        if reward_model is not None:
+            writer.add_scalar("charts/episodic_viper_return", ep_viper, s_)
+            counters["episode_returns"] = (counters["episode_returns"] + [(ep_viper, ep_ret)])[-CORR_EPISODES:]
+            corr = pearson(*zip(*counters["episode_returns"]))
+            if math.isfinite(corr):
+                writer.add_scalar("charts/viper_task_return_corr", corr, s_)
+
+    # ep_viper: the VIPER return, summed over the same steps as the task return (those after the reset frame)
+    obs, carry, ep_ret, ep_viper, ep_len = new_episode(), None, 0.0, 0.0, 0
     updates_per_step = args.train_ratio / (args.batch_size * args.batch_length)
     last_eval, t_log, step_log, upd_log, metrics = None, time.time(), counters["step"], counters["updates"], {}
-    bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"dreamer {args.env_id}", smoothing=0.05)
+    t_start, reward_s_log = time.time(), labeler.seconds
+    bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"{name} {args.env_id}", smoothing=0.05)
     while counters["step"] < args.total_steps:
         if counters["step"] < args.prefill:
             action = (F.one_hot(torch.tensor(rng.integers(act_dim)), act_dim).float() if discrete
@@ -1107,16 +1687,16 @@ def main(args: Args):
             action, carry = agent.policy(obs, carry, explore=True)
         action = action.cpu().numpy()
         obs, r, terminated, truncated, _ = env.step(env_action(torch.as_tensor(action), discrete))
-        replay.add(image=obs, action=action, is_first=False, is_terminal=terminated, **labeler(obs, r))
+        labels = labeler(obs, r)  # the step's rewards, computed once, here
+        replay.add(image=obs, action=action, is_first=False, is_terminal=terminated, **labels)
         counters["step"] += 1
-        ep_ret, ep_len = ep_ret + r, ep_len + 1
+        ep_ret, ep_viper, ep_len = ep_ret + r, ep_viper + labels.get("density", 0.0), ep_len + 1
         bar.update(1)
         if terminated or truncated:
-            counters["episodes"] += 1
-            writer.add_scalar("charts/episodic_return", ep_ret, counters["step"])
-            writer.add_scalar("charts/episodic_length", ep_len, counters["step"])
-            bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"])
-            obs, carry, ep_ret, ep_len = new_episode(), None, 0.0, 0
+            end_episode()
+            bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"],
+                            **({"viper": f"{ep_viper:.0f}"} if reward_model is not None else {}))
+            obs, carry, ep_ret, ep_viper, ep_len = new_episode(), None, 0.0, 0.0, 0
 
         if counters["step"] >= args.prefill and len(replay) >= args.batch_length:
             counters["credit"] += updates_per_step
@@ -1133,15 +1713,21 @@ def main(args: Args):
             writer.add_scalar("charts/train_ratio", counters["updates"] * args.batch_size * args.batch_length /
                               max(1, s - args.prefill), s)
             writer.add_scalar("charts/replay_size", len(replay), s)
+            if reward_model is not None:  # share of wall time spent encoding and scoring frames
+                writer.add_scalar("charts/reward_time_share", (labeler.seconds - reward_s_log) / dt, s)
             for k, v in metrics.items():
                 writer.add_scalar(k, v, s)
-            t_log, step_log, upd_log = time.time(), s, counters["updates"]
+            t_log, step_log, upd_log, reward_s_log = time.time(), s, counters["updates"], labeler.seconds
         if s % args.eval_every == 0 or s == args.total_steps:
             last_eval = f"{run_eval():.1f}"
             bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"])
         if s % args.save_every == 0 or s == args.total_steps:
             checkpoint()
     bar.close()
+    if reward_model is not None:
+        wall = time.time() - t_start
+        tqdm.write(f"VIPER reward computation: {labeler.seconds:.1f} s of {wall:.1f} s wall "
+                   f"({100 * labeler.seconds / max(wall, 1e-9):.1f}%)")
     writer.close()
     env.close()
     eval_env.close()

@@ -253,3 +253,38 @@ def test_smoke_pong_discrete(tmp_path):
     obs, _ = env.reset(seed=0)
     a = policy(obs)
     assert isinstance(a, int) and 0 <= a < env.action_space.n
+
+
+# --- reward terms (part 2) with the task reward -----------------------------------------------------
+def test_task_reward_with_plan2explore_bonus():
+    """--reward task --expl-scale 1: task critic and disagreement critic, reward head kept, ensemble trained."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    args = td.Args(size="cpu", expl_scale=1.0)
+    assert td.critic_scales(args) == {"task": 1.0, "disag": 1.0} and td.wm_heads(args) == {"reward": "reward"}
+    agent = td.Dreamer(args, 1, False)
+    replay = td.Replay(100, (64, 64, 3), 1, ["reward"])
+    for t in range(40):
+        replay.add(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, 1),
+                   reward=float(t % 2), is_first=t == 0, is_terminal=False)
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    metrics = agent.train_step(replay.sample(2, 10, rng))
+    after = agent.state_dict()
+    for prefix in ["heads.reward.", "ensemble.", "critics.task.", "critics.disag."]:
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    assert metrics["imagination/disag_reward"] > 0
+    with pytest.raises(ValueError, match="--density-scale"):
+        td.validate(td.Args(density_scale=1.0))
+
+
+def test_part1_checkpoint_still_loads(dmc_run, tmp_path):
+    """agent.pt written before the VIPER flags existed (no reward_mode, scales ...) loads as the task agent."""
+    out, _, _ = dmc_run
+    ckpt = torch.load(out / "agent.pt", weights_only=False)
+    for key in ["reward_model", "reward_mode", "density_scale", "expl_scale", "task_reward_scale"]:
+        del ckpt["args"][key]
+    torch.save(ckpt, tmp_path / "old.pt")
+    env = td.make_env("dmc_cartpole_balance", 0)
+    policy = td.load_agent_policy(str(tmp_path / "old.pt"), env)
+    assert set(policy.agent.critics) == {"task"} and policy.agent.ensemble is None
+    assert policy(env.reset(seed=0)[0]).shape == (1,)

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # block name -> (source file, files holding a verbatim copy)
 BLOCKS = {
     "ENV": ("collect_expert_videos.py", ["train_viper_dreamer.py"]),
-    "VQGAN": ("train_vqgan.py", ["train_videogpt.py"]),
+    "VQGAN": ("train_vqgan.py", ["train_videogpt.py", "train_viper_dreamer.py"]),
+    "VIDEOGPT": ("train_videogpt.py", ["train_viper_dreamer.py"]),
 }
 
 

@@ -1,0 +1,325 @@
+"""train_viper_dreamer.py with --reward viper: insert-time rewards, density head, Plan2Explore, the
+env reward kept away from learning, and short end-to-end runs with a tiny random-weight video model."""
+import csv
+import os
+import shutil
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import train_videogpt as tv
+import train_viper_dreamer as td
+
+TASK = "dmc_cartpole_balance"
+EPISODE = 50  # the end-to-end runs cut DMC episodes to this many steps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_videogpt(path, seq_len=3, frame_skip=2, seed=0):
+    """A tiny random-weight videogpt.pt in the format train_videogpt.py writes (VQ-GAN 64px -> 4x4 codes)."""
+    torch.manual_seed(seed)
+    vq = td.VQGAN(64, 8, (1, 1, 1, 1, 1), 1, 16, 8)
+    vq_ckpt = {"kind": "vqgan", "args": {"base_channels": 8, "num_res_blocks": 1}, "model": vq.state_dict(),
+               "image_size": 64, "token_hw": vq.token_hw, "codebook_size": 16, "embed_dim": 8,
+               "channel_mult": [1, 1, 1, 1, 1]}
+    args = tv.Args(seq_len=seq_len, frame_skip=frame_skip, width=32, num_layers=2, num_heads=4, mlp_dim=64,
+                   class_cond=True)
+    model = tv.VideoGPT(16, seq_len, vq.token_hw, 32, 2, 4, 64, 0.1, num_classes=2)
+    class_map = {TASK: 0, "dmc_reacher_easy": 1}
+    torch.save(tv.make_checkpoint(args, model, class_map, vq.token_hw, vq_ckpt, step=0), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def videogpt_path(tmp_path_factory):
+    return make_videogpt(tmp_path_factory.mktemp("vg") / "videogpt.pt")
+
+
+def reference(path):
+    """train_videogpt.py's own RewardModel on the same checkpoint: the rewards must match it."""
+    return tv.load_videogpt(torch.load(path, weights_only=False), "cpu")
+
+
+def frames(T, seed):
+    """A white square wandering over noise: varied codes."""
+    rng = np.random.default_rng(seed)
+    video = rng.integers(0, 60, (T, 64, 64, 3), dtype=np.uint8)
+    for t, (x, y) in enumerate(rng.integers(0, 48, (T, 2))):
+        video[t, y:y + 16, x:x + 16] = 255
+    return video
+
+
+def viper_args(tmp, model, **kw):
+    base = dict(env_id=TASK, reward="viper", reward_model=model, size="cpu", total_steps=200, prefill=64,
+                batch_size=4, batch_length=16, train_ratio=8.0, eval_every=200, eval_episodes=1, save_every=200,
+                log_every=100, replay_capacity=1000, output_dir=str(tmp), seed=0)
+    base.update(kw)
+    return td.Args(**base)
+
+
+# --- rewards at insert time ----------------------------------------------------------------------
+@pytest.mark.parametrize("skip", [1, 2])
+@pytest.mark.parametrize("mode", ["conditional", "joint"])
+def test_insert_time_rewards_equal_compute_rewards(tmp_path, mode, skip):
+    L = 3
+    path = make_videogpt(tmp_path / "videogpt.pt", seq_len=L, frame_skip=skip)
+    rm = td.load_videogpt(torch.load(path, weights_only=False), "cpu")
+    labeler = td.StepRewards(viper_args(tmp_path, path, reward_mode=mode), rm)
+    assert labeler.fields == ("reward", "density")
+    ref = reference(path)
+    for T, seed in [(12, 0), (4, 1)]:  # longer than the window (codes get trimmed), then shorter (prefix only)
+        video = frames(T, seed)
+        first = labeler.reset(video[0])
+        got = [first["density"]] + [labeler(f, 0.5)["density"] for f in video[1:]]
+        assert len(labeler.codes) == min(T, (L - 1) * skip + 1)  # only what a window can still reach is kept
+        expected = ref.compute_rewards(video[None], TASK, mode)[0]
+        torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-5, atol=1e-4)
+        assert first["reward"] == 0.0 and labeler(video[0], 0.5)["reward"] == 0.5  # env reward passes through
+    # step 0 is the reset frame's log-likelihood alone, not 0 (0 is the best possible log-likelihood)
+    video = frames(5, 2)
+    r0 = labeler.reset(video[0])["density"]
+    assert r0 < 0 and r0 == pytest.approx(float(ref.compute_rewards(video[:1][None], TASK, "joint")[0, 0]), abs=1e-4)
+
+
+def test_task_reward_labeler_is_unchanged():
+    labeler = td.StepRewards(td.Args())
+    assert labeler.fields == ("reward",)
+    assert labeler.reset(None) == {"reward": 0.0} and labeler(None, 2.5) == {"reward": 2.5}
+
+
+def test_reward_terms_heads_and_critics(videogpt_path, tmp_path):
+    viper = viper_args(tmp_path, videogpt_path)
+    assert td.critic_scales(viper) == {"density": 1.0, "disag": 1.0}  # official videogpt_prior_rb
+    assert td.wm_heads(viper) == {"density": "density"}  # no reward head: the env reward trains nothing
+    mixed = viper_args(tmp_path, videogpt_path, task_reward_scale=0.5, expl_scale=0.0)
+    assert td.critic_scales(mixed) == {"density": 1.0, "task": 0.5}
+    assert td.wm_heads(mixed) == {"reward": "reward", "density": "density"}
+    agent = td.Dreamer(mixed, 1, False)
+    assert agent.ensemble is None and agent.expl_opt is None and set(agent.critics) == {"density", "task"}
+    assert td.critic_scales(td.Args()) == {"task": 1.0}
+    assert td.critic_scales(td.Args(expl_scale=1.0)) == {"task": 1.0, "disag": 1.0}  # Plan2Explore + task
+    for bad, match in [(dict(density_scale=1.0, reward="task", reward_model=None), "--density-scale"),
+                       (dict(expl_scale=-1.0), "--expl-scale"),
+                       (dict(density_scale=0.0, expl_scale=0.0), "all 0"),
+                       (dict(reward_model=None), "--reward-model"),
+                       (dict(reward="task"), "only used with --reward viper")]:
+        with pytest.raises(ValueError, match=match):
+            td.validate(viper_args(tmp_path, videogpt_path, **bad))
+
+
+def test_pearson():
+    assert td.pearson([1, 2, 3, 4], [2, 4, 6, 8.5]) == pytest.approx(np.corrcoef([1, 2, 3, 4], [2, 4, 6, 8.5])[0, 1])
+    assert np.isnan(td.pearson([1, 2], [1, 2])) and np.isnan(td.pearson([1, 1, 1], [1, 2, 3]))
+
+
+# --- Plan2Explore --------------------------------------------------------------------------------
+def imagined(agent, N=6):
+    start = {k: v.detach().expand(N, *v.shape[1:]).clone() for k, v in agent.rssm.initial(1).items()}
+    with torch.no_grad():
+        traj, _ = agent.imagine(start, torch.ones(N), backprop=False)
+    return traj
+
+
+def test_disagreement_reward_shape_and_zero_when_members_agree(videogpt_path, tmp_path):
+    torch.manual_seed(0)
+    agent = td.Dreamer(viper_args(tmp_path, videogpt_path), 2, False)
+    s = td.SIZES["cpu"]
+    assert len(agent.ensemble.members) == td.DISAG_MODELS == 8
+    traj = imagined(agent)
+    with torch.no_grad():
+        rewards = agent.imagined_rewards(traj)
+        inp = torch.cat([traj["feat"][:-1], traj["action"]], -1)
+        preds = agent.ensemble(inp)
+    assert set(rewards) == {"density", "disag"}
+    assert rewards["disag"].shape == rewards["density"].shape == (td.IMAG_HORIZON, 6)
+    assert preds.shape == (8, td.IMAG_HORIZON, 6, s["stoch"] * s["classes"])
+    assert (rewards["disag"] > 1e-3).all()  # different initialisations disagree
+    torch.testing.assert_close(rewards["disag"], preds.std(0, correction=0).mean(-1))
+    for m in agent.ensemble.members[1:]:  # all members equal: no disagreement anywhere
+        m.load_state_dict(agent.ensemble.members[0].state_dict())
+    with torch.no_grad():
+        preds = agent.ensemble(inp)
+        assert (preds == preds[0]).all()
+        assert agent.imagined_rewards(traj)["disag"].max() < 1e-6  # 0 up to rounding of the members' mean
+
+
+def replay_batch(seed, B=2, T=10, A=1, poison=None, discrete=False):
+    rng = np.random.default_rng(seed)
+    replay = td.Replay(100, (64, 64, 3), A, ["reward", "density"])
+    for t in range(60):
+        action = np.eye(A)[rng.integers(A)] if discrete else rng.uniform(-1, 1, A)
+        replay.add(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), action=action,
+                   reward=float(t % 3) if poison is None else poison, density=-40.0 + t % 5,
+                   is_first=t % 25 == 0, is_terminal=False)
+    return replay.sample(B, T, rng)
+
+
+@pytest.mark.parametrize("A, discrete", [(1, False), (6, True)])  # DMC (backprop), Atari (REINFORCE)
+def test_ensemble_learns_from_replay_alone(videogpt_path, tmp_path, A, discrete):
+    torch.manual_seed(0)
+    agent = td.Dreamer(viper_args(tmp_path, videogpt_path), A, discrete)
+    batch = {k: torch.as_tensor(v) for k, v in replay_batch(0, A=A, discrete=discrete).items()}
+    _, post, _ = agent.world_model_loss(batch)
+    agent.ensemble_loss(post, batch).backward()
+    assert all(p.grad is None for p in agent.world_model.parameters())  # posterior states are detached
+    assert all(p.grad is not None for p in agent.ensemble.parameters())
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    metrics = agent.train_step(replay_batch(0, A=A, discrete=discrete))
+    after = agent.state_dict()
+    for prefix in ["ensemble.", "heads.density.", "critics.density.", "critics.disag.", "retnorms.disag.", "actor."]:
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    assert "heads.reward.out.weight" not in after
+    assert np.isfinite(metrics["loss/ensemble"]) and np.isfinite(metrics["imagination/disag_reward"])
+
+
+@pytest.mark.parametrize("task_scale, same", [(0.0, True), (1.0, False)])
+def test_env_reward_reaches_learning_only_through_its_scale(videogpt_path, tmp_path, task_scale, same):
+    """Same seed, same frames and densities, env reward real vs 1e9: identical updates iff its scale is 0."""
+    states = []
+    for poison in [None, 1e9]:
+        torch.manual_seed(0)
+        agent = td.Dreamer(viper_args(tmp_path, videogpt_path, task_reward_scale=task_scale), 1, False)
+        for i in range(3):
+            agent.train_step(replay_batch(i, poison=poison))
+        states.append(agent.state_dict())
+    equal = all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert equal == same
+
+
+# --- end to end ----------------------------------------------------------------------------------
+class ShortEpisodes(gym.Wrapper):
+    """Cuts episodes to EPISODE steps (several episodes in a short run); optionally replaces the env reward."""
+
+    def __init__(self, env, poison=None):
+        super().__init__(env)
+        self.poison, self.t = poison, 0
+
+    def reset(self, **kw):
+        self.t = 0
+        return self.env.reset(**kw)
+
+    def step(self, action):
+        obs, r, terminated, truncated, info = self.env.step(action)
+        self.t += 1
+        r = r if self.poison is None else self.poison
+        return obs, r, terminated, truncated or self.t >= EPISODE, info
+
+
+def run(out, model, poison=None, **kw):
+    """main() on short episodes, counting every call of the video model's scorer and the steps it scores."""
+    calls = []
+    score = td.RewardModel.rewards_from_codes
+    make_env = td.make_env
+
+    def counted(self, codes, *a, **k):
+        r = score(self, codes, *a, **k)
+        calls.append(r.shape[1])
+        return r
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(td.RewardModel, "rewards_from_codes", counted)
+        mp.setattr(td, "make_env", lambda env_id, seed=0: ShortEpisodes(make_env(env_id, seed), poison))
+        agent, counters = td.main(viper_args(out, model, **kw))
+    return agent, counters, calls
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, videogpt_path):
+    clean, poisoned = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("nan")
+    return dict(clean=(clean, *run(clean, videogpt_path)), nan=(poisoned, *run(poisoned, videogpt_path, poison=np.nan)))
+
+
+def scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_smoke_run_writes_checkpoint_eval_and_logs(runs):
+    out, agent, counters, _ = runs["clean"]
+    assert counters["step"] == 200 and counters["updates"] == int((200 - 64) * 8 / (4 * 16))
+    with open(out / "eval.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "return"] and rows[1][0] == "200" and 0 <= float(rows[1][1]) <= EPISODE * 2
+    ckpt = torch.load(out / "agent.pt", weights_only=False)
+    assert any(k.startswith("ensemble.members.7.") for k in ckpt["agent"])
+    assert {k.split(".")[1] for k in ckpt["agent"] if k.startswith("slow_critics.")} == {"density", "disag"}
+    assert ckpt["optim"]["expl"]["state"] and set(ckpt["optim"]["critics"]) == {"density", "disag"}
+    policy = td.load_agent_policy(str(out / "agent.pt"), td.make_env(TASK, 0))  # no reward model needed to act
+    a = policy(td.make_env(TASK, 0).reset(seed=0)[0])
+    assert a.shape == (1,) and np.all(np.abs(a) <= 1)
+    # per-episode VIPER and task returns, their correlation, the reward-compute time share
+    viper_returns = scalars(out, "charts/episodic_viper_return")
+    assert [s for s, _ in viper_returns] == [50, 100, 150, 200]
+    assert [s for s, _ in scalars(out, "charts/viper_task_return_corr")] == [150, 200]  # from 3 episodes on
+    share = scalars(out, "charts/reward_time_share")
+    assert len(share) == 2 and all(0 < v < 1 for _, v in share)
+    with np.load(out / "replay.npz") as f:  # the logged VIPER return sums the stored densities after each reset
+        density, first = f["density"], f["is_first"]
+    starts = np.flatnonzero(first)
+    for (_, logged), s in zip(viper_returns, starts):
+        assert logged == pytest.approx(density[s + 1:s + EPISODE + 1].sum(), rel=1e-5)
+
+
+def test_each_replayed_step_is_scored_once(runs, videogpt_path):
+    out, _, counters, calls = runs["clean"]
+    episodes_started = counters["episodes"] + 1  # a new episode (its reset frame) starts after the last one ends
+    assert counters["episodes"] == 4
+    assert calls == [1] * (counters["step"] + episodes_started)  # one call per replayed step, one step each
+    with np.load(out / "replay.npz") as f:
+        data = {k: f[k] for k in ["image", "density", "is_first"]}
+    assert len(data["density"]) == len(calls)
+    ref = reference(videogpt_path)
+    bounds = list(np.flatnonzero(data["is_first"])) + [len(calls)]
+    assert len(bounds) == episodes_started + 1
+    for s, e in zip(bounds[:-1], bounds[1:]):  # stored rewards == scoring each whole episode afterwards
+        expected = ref.compute_rewards(data["image"][s:e][None], TASK, "conditional")[0]
+        torch.testing.assert_close(torch.from_numpy(data["density"][s:e]), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_nan_env_reward_leaves_learning_identical(runs):
+    """--task-reward-scale 0 (default): an env reward of NaN changes no weight, optimiser moment or normaliser."""
+    (clean, *_), (poisoned, *_) = runs["clean"], runs["nan"]
+    a = torch.load(clean / "agent.pt", weights_only=False)
+    b = torch.load(poisoned / "agent.pt", weights_only=False)
+    assert a["counters"]["updates"] == b["counters"]["updates"] > 0
+    for k, v in a["agent"].items():
+        assert torch.equal(v, b["agent"][k]), k
+    torch.testing.assert_close(a["optim"], b["optim"], rtol=0, atol=0)
+    with np.load(poisoned / "replay.npz") as f:
+        assert np.isnan(f["reward"][~f["is_first"]]).all()  # the poison did reach the replay
+
+
+def test_resume_viper_run(runs, videogpt_path, tmp_path):
+    src, *_ = runs["clean"]
+    out = tmp_path / "resumed"
+    shutil.copytree(src, out)
+    agent, counters, calls = run(out, videogpt_path, resume=True, total_steps=232, eval_every=1000)
+    saved = torch.load(src / "agent.pt", weights_only=False)
+    assert counters["step"] == 232 and counters["updates"] == saved["counters"]["updates"] + 4
+    assert len(counters["episode_returns"]) == 4  # the correlation's history survives a resume
+    assert calls == [1] * (32 + 1)  # the interrupted episode restarts: its reset frame, then 32 steps
+    with pytest.raises(ValueError, match="reward scales"):
+        td.main(viper_args(out, videogpt_path, resume=True, expl_scale=0.0))
+
+
+def test_unknown_task_and_bad_reward_model(videogpt_path, tmp_path):
+    with pytest.raises(ValueError, match="known tasks.*dmc_cartpole_balance"):
+        td.main(viper_args(tmp_path / "a", videogpt_path, env_id="dmc_walker_walk"))
+    assert not (tmp_path / "a").exists()  # fails before writing anything
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        td.main(viper_args(tmp_path / "b", str(tmp_path / "missing.pt")))
+    torch.save({"kind": "vqgan"}, tmp_path / "vq.pt")
+    with pytest.raises(ValueError, match="not a videogpt"):
+        td.main(viper_args(tmp_path / "c", str(tmp_path / "vq.pt")))
