@@ -177,6 +177,8 @@ def eval_reward(args: RewardArgs):
     if not tasks:
         sys.exit(f"error: no task folder of {args.data_dir!r} ({folders}) is known to the model "
                  f"({sorted(rm.class_map or [])})")
+    for task in tasks:  # fail before any scoring if the model does not know a task (lists the known ones)
+        rm.labels(task)
     os.makedirs(args.output_dir, exist_ok=True)
     summary, curves = {"reward_model": args.reward_model, "mode": args.mode, "tasks": {}}, {}
     for task in tasks:

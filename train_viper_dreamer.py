@@ -1503,7 +1503,7 @@ def save_gif(path, frames, fps=25):
 
 
 def save_checkpoint(path, agent, counters, args, act_dim, discrete):
-    ckpt = dict(agent=agent.state_dict(), optim=agent.optim_state(), counters=counters, args=asdict(args),
+    ckpt = dict(kind="agent", agent=agent.state_dict(), optim=agent.optim_state(), counters=counters, args=asdict(args),
                 act_dim=act_dim, discrete=discrete,
                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
     tmp = path + ".tmp"

@@ -39,3 +39,49 @@ def test_bad_checkpoint_errors(tmp_path):
     torch.save({"kind": "vqgan"}, wrong)
     with pytest.raises(SystemExit, match="is a vqgan checkpoint, expected a videogpt"):
         ev.load_checkpoint(str(wrong), "videogpt")
+
+
+def _write_episode(path, video, reward):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, video=video, action=np.zeros((len(video), 1), np.float32), reward=reward)
+
+
+def test_eval_reward_writes_json_and_png(tmp_path):
+    from test_viper import TASK, frames, make_videogpt
+
+    model = make_videogpt(tmp_path / "videogpt.pt")
+    experts, degraded = tmp_path / "experts", tmp_path / "degraded"
+    for i in range(2):
+        _write_episode(experts / TASK / "test" / f"{i:06d}.npz", frames(9, i), np.full(9, 2.0, np.float32))
+        for eps in (0.5, 1.0):
+            _write_episode(degraded / TASK / "train" / f"eps{eps}_{i:06d}.npz", frames(9, 10 + i),
+                           np.full(9, 1.0 - eps, np.float32))
+    out = tmp_path / "out"
+    summary = ev.eval_reward(ev.RewardArgs(reward_model=model, data_dir=str(experts), degraded_dir=str(degraded),
+                                           output_dir=str(out), cuda=False))
+    s = summary["tasks"][TASK]
+    assert set(s["mean_viper_reward_by_epsilon"]) == {"0.0", "0.5", "1.0"}
+    assert len(s["episodes"]) == 6 and 0.0 <= s["auroc_expert_vs_random"] <= 1.0
+    assert {x["true_return"] for x in s["episodes"]} == {18.0, 4.5, 0.0}
+    assert (out / "summary.json").exists() and (out / "reward_diagnostics.png").stat().st_size > 1000
+    # a task the class-conditional model does not know is reported, not silently scored
+    with pytest.raises(ValueError, match="known tasks"):
+        ev.eval_reward(ev.RewardArgs(reward_model=model, data_dir=str(experts), tasks=["dmc_walker_walk"],
+                                     output_dir=str(out), cuda=False))
+
+
+def test_eval_agent_writes_json_and_gif(tmp_path):
+    import train_viper_dreamer as td
+
+    args = td.Args(env_id="dmc_cartpole_balance", size="cpu", output_dir=str(tmp_path))
+    agent = td.Dreamer(args, 1, False)
+    path = str(tmp_path / "agent.pt")
+    td.save_checkpoint(path, agent, dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[]), args, 1,
+                       False)
+    out = tmp_path / "eval"
+    summary = ev.eval_agent(ev.AgentArgs(checkpoint=path, num_episodes=1, output_dir=str(out)))
+    assert summary["env_id"] == "dmc_cartpole_balance" and len(summary["returns"]) == 1
+    assert 0.0 <= summary["mean_return"] <= 1000.0
+    assert (out / "summary.json").exists() and (out / "episodes.gif").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="expected a videogpt"):
+        ev.load_checkpoint(path, "videogpt")
