@@ -85,3 +85,18 @@ def test_eval_agent_writes_json_and_gif(tmp_path):
     assert (out / "summary.json").exists() and (out / "episodes.gif").stat().st_size > 1000
     with pytest.raises(SystemExit, match="expected a videogpt"):
         ev.load_checkpoint(path, "videogpt")
+
+
+def test_eval_samples_writes_gif(tmp_path):
+    from test_viper import TASK, frames, make_videogpt
+
+    model = make_videogpt(tmp_path / "videogpt.pt")
+    _write_episode(tmp_path / "experts" / TASK / "test" / "000000.npz", frames(12, 0), np.zeros(12, np.float32))
+    out = tmp_path / "samples"
+    ev.eval_samples(ev.SamplesArgs(reward_model=model, data_dir=str(tmp_path / "experts"), num_videos=2,
+                                   output_dir=str(out)))
+    from PIL import Image
+
+    gif = Image.open(out / "samples.gif")
+    assert gif.n_frames == 3  # the model's window: 1 context frame + 2 sampled
+    assert gif.size == (2 * 64, 2 * 64)  # 2 rows; real | sampled
