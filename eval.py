@@ -89,17 +89,10 @@ class SamplesArgs:
 def rankdata(x):
     """Ranks starting at 1, ties get their average rank (as scipy.stats.rankdata)."""
     x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="mergesort")
     ranks = np.empty(len(x))
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+    ranks[x.argsort(kind="mergesort")] = np.arange(1, len(x) + 1)
+    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inv, weights=ranks) / counts)[inv]
 
 
 def spearman(x, y):
@@ -111,13 +104,13 @@ def spearman(x, y):
 
 
 def auroc(pos, neg):
-    """P(score of a positive > score of a negative), ties counting one half (Mann-Whitney U / n_pos n_neg)."""
+    """train_videogpt.py's AUROC (Mann-Whitney U, ties count one half); nan when a side is empty."""
+    from train_videogpt import auroc as mann_whitney_auroc
+
     pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    ranks = rankdata(np.concatenate([pos, neg]))
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    return mann_whitney_auroc(pos, neg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,19 +247,11 @@ def plot_reward(summary, curves, out):
 # ---------------------------------------------------------------------------------------------
 # eval.py agent / samples
 # ---------------------------------------------------------------------------------------------
-def save_gif(frames, path, fps=20):
-    """frames uint8 [T, H, W, 3] -> GIF (Pillow ships with matplotlib)."""
-    from PIL import Image
-
-    images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-
-
 def eval_agent(args: AgentArgs):
     from tqdm import tqdm
 
     import collect_expert_videos as cev
-    from train_viper_dreamer import load_agent_policy
+    from train_viper_dreamer import load_agent_policy, save_gif
 
     ckpt = load_checkpoint(args.checkpoint, "agent")
     env_id = ckpt["args"]["env_id"]
@@ -286,7 +271,7 @@ def eval_agent(args: AgentArgs):
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if gif:
-        save_gif(np.concatenate(gif), os.path.join(args.output_dir, "episodes.gif"))
+        save_gif(os.path.join(args.output_dir, "episodes.gif"), np.concatenate(gif), fps=20)
     print(f"{env_id}: true return {summary['mean_return']:.1f} +- {summary['std_return']:.1f} "
           f"over {len(returns)} episodes -> {args.output_dir}")
     return summary
@@ -294,6 +279,8 @@ def eval_agent(args: AgentArgs):
 
 def eval_samples(args: SamplesArgs):
     import torch
+
+    from train_viper_dreamer import save_gif
 
     rm = load_reward_model(args.reward_model)
     task = args.task or sorted(os.listdir(args.data_dir))[0]
@@ -315,7 +302,7 @@ def eval_samples(args: SamplesArgs):
     # grid: one row per video, real on the left, sampled on the right
     grid = np.concatenate([np.concatenate(list(real), 1), np.concatenate(list(fake), 1)], 2)
     os.makedirs(args.output_dir, exist_ok=True)
-    save_gif(grid, os.path.join(args.output_dir, "samples.gif"), fps=4)
+    save_gif(os.path.join(args.output_dir, "samples.gif"), grid, fps=4)
     print(f"wrote {args.output_dir}/samples.gif (left: real, right: sampled after {args.context_frames} context frames)")
 
 

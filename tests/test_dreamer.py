@@ -9,13 +9,6 @@ import torch
 import train_viper_dreamer as td
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """As main() does: 2 OpenMP threads on shared cores stall each other at every small op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_args(tmp, env_id, **kw):

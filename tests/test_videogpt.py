@@ -11,13 +11,6 @@ H, W = 3, 2  # tiny token grid
 VOCAB = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread is faster, and far faster when the 2 cores are shared (oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model(seq_len=4, num_classes=0, seed=0):

@@ -16,12 +16,6 @@ TASK = "dmc_cartpole_balance"
 EPISODE = 50  # the end-to-end runs cut DMC episodes to this many steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_videogpt(path, seq_len=3, frame_skip=2, seed=0):

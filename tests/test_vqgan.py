@@ -11,13 +11,6 @@ import torch.nn.functional as F
 
 import train_vqgan as tv
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and reproducibly) on one thread on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TINY = dict(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, codebook_size=32, embed_dim=8)
