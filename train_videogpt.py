@@ -41,6 +41,7 @@ Examples:
 """
 
 import copy
+import gc
 import hashlib
 import json
 import math
@@ -806,6 +807,10 @@ def main(args: Args):
                 writer.add_scalar(f"final/{k}", v, step)
         writer.close()
     if ddp:
+        # DDP's reducer holds the process group: free it first, or gloo's worker threads can be torn down
+        # during interpreter shutdown (seen once as "terminate called without an active exception" on rank 1)
+        del train_model
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
