@@ -674,7 +674,9 @@ class Ensemble(nn.Module):
     def disagreement(self, x):  # [..., inp] -> [...]
         pred = self(x).float()
         var = ((pred - pred.mean(0)) ** 2).mean(0)  # = std(0, correction=0) ** 2; torch.std over the leading
-        return var.sqrt().mean(-1)  # dim is ~20x slower on CPU (a strided reduction)
+        # dim is ~20x slower on CPU (a strided reduction). The floor keeps the gradient finite where all members
+        # agree exactly (sqrt'(0) = inf gives NaN actions; seen with bf16 outputs on a GPU).
+        return var.clamp(min=1e-16).sqrt().mean(-1)
 
 
 @contextmanager

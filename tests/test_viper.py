@@ -144,6 +144,10 @@ def test_disagreement_reward_shape_and_zero_when_members_agree(videogpt_path, tm
         preds = agent.ensemble(inp)
         assert (preds == preds[0]).all()
         assert agent.imagined_rewards(traj)["disag"].max() < 1e-6  # 0 up to rounding of the members' mean
+    # the actor backpropagates through this reward: agreeing members must give a finite gradient, not NaN
+    x = inp.clone().requires_grad_(True)
+    agent.ensemble.disagreement(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 def replay_batch(seed, B=2, T=10, A=1, poison=None, discrete=False):
