@@ -4,8 +4,9 @@
     python eval.py agent   --checkpoint runs/agent/agent.pt --num-episodes 10
     python eval.py samples --reward-model runs/vgpt/videogpt.pt --data-dir data/experts
 
-`reward` scores held-out expert episodes (ε = 0) and ε-degraded ones (collect_expert_videos.py
---epsilon ε --prefix eps<ε>_; ε = 1 is the random policy) with the video model and reports per task:
+`reward` scores expert (ε = 0) and ε-degraded episodes (collect_expert_videos.py --epsilon ε
+--prefix eps<ε>_ with the same --seed for every ε, so each ε replays the same starts and goals; ε = 1
+is the random policy; without eps0.0_ files the expert test split stands for ε = 0) with the video model and reports per task:
 the mean VIPER reward per ε (should fall as ε grows), Spearman ρ between per-episode VIPER return and
 true return, and the AUROC of expert vs random episodes (by VIPER return). It writes summary.json and
 PNG plots. `agent` runs a trained agent on its true task reward and writes a GIF and summary.json.
@@ -32,7 +33,8 @@ class RewardArgs:
     reward_model: str
     """videogpt.pt written by train_videogpt.py"""
     data_dir: str = "data/experts"
-    """expert episodes: <data-dir>/<task>/test/*.npz are scored as epsilon = 0"""
+    """expert episodes: <data-dir>/<task>/test/*.npz are scored as epsilon = 0, unless the degraded dir holds
+    eps0.0_ episodes (same seeds as the other epsilons: a paired comparison), which are used instead"""
     degraded_dir: Optional[str] = "data/degraded"
     """degraded episodes: <degraded-dir>/<task>/*/eps<epsilon>_*.npz (epsilon = 1 is the random policy)"""
     tasks: Optional[list[str]] = None
@@ -141,14 +143,18 @@ def load_reward_model(path, cuda=True):
 
 
 def episode_files(data_dir, degraded_dir, task):
-    """{epsilon: [npz paths]}: the expert test split is epsilon 0, degraded files carry eps<e>_ prefixes."""
+    """{epsilon: [npz paths]} from the eps<e>_ prefixes of the degraded files. Epsilon 0 is the degraded
+    dir's eps0.0_ files when there are any (recorded from the same seeds as the other epsilons, so every
+    epsilon sees the same starts and goals: on reacher the goal position alone moves an episode's mean
+    reward by ~80 nats), else the expert test split of data_dir."""
     out = defaultdict(list)
-    out[0.0] = sorted(glob.glob(os.path.join(data_dir, task, "test", "*.npz")))
     if degraded_dir:
         for path in sorted(glob.glob(os.path.join(degraded_dir, task, "*", "eps*_*.npz"))):
             m = re.match(r"eps([0-9.]+)_", os.path.basename(path))
             if m:
                 out[float(m.group(1))].append(path)
+    if not out[0.0]:
+        out[0.0] = sorted(glob.glob(os.path.join(data_dir, task, "test", "*.npz")))
     return dict(sorted(out.items()))
 
 

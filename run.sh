@@ -29,7 +29,7 @@ stage() { echo; echo "==== [$1/7] $2  ($(( (SECONDS - START) / 60 )) min elapsed
 
 stage 1 "expert, degraded and random videos of $ENV"
 $PY collect_expert_videos.py --env-id $ENV --num-episodes $EPISODES --test-fraction 0.1 --out-dir $DATA/experts
-for EPS in 0.25 0.5 0.75 1.0; do
+for EPS in 0.0 0.25 0.5 0.75 1.0; do  # same seeds for every epsilon: paired episodes
     $PY collect_expert_videos.py --env-id $ENV --num-episodes 4 --epsilon $EPS --seed 1000 \
         --test-fraction 0 --prefix "eps${EPS}_" --out-dir $DATA/degraded
 done

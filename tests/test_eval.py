@@ -1,4 +1,6 @@
 """eval.py: metrics against hand-computed examples, and clear errors for bad checkpoints."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -44,6 +46,17 @@ def test_bad_checkpoint_errors(tmp_path):
 def _write_episode(path, video, reward):
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, video=video, action=np.zeros((len(video), 1), np.float32), reward=reward)
+
+
+def test_episode_files_pairs_epsilon_zero_with_the_degraded_seeds(tmp_path):
+    for name in ["experts/t/test/000020.npz", "deg/t/train/eps0.5_001000.npz", "deg/t/train/eps1.0_001000.npz"]:
+        _write_episode(tmp_path / name, np.zeros((2, 64, 64, 3), np.uint8), np.zeros(2, np.float32))
+    files = ev.episode_files(str(tmp_path / "experts"), str(tmp_path / "deg"), "t")
+    assert list(files) == [0.0, 0.5, 1.0] and files[0.0][0].endswith("experts/t/test/000020.npz")
+    _write_episode(tmp_path / "deg/t/train/eps0.0_001000.npz", np.zeros((2, 64, 64, 3), np.uint8),
+                   np.zeros(2, np.float32))
+    files = ev.episode_files(str(tmp_path / "experts"), str(tmp_path / "deg"), "t")
+    assert [os.path.basename(p) for p in files[0.0]] == ["eps0.0_001000.npz"]  # same seed as the others
 
 
 def test_eval_reward_writes_json_and_png(tmp_path):
