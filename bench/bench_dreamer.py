@@ -3,10 +3,12 @@
 
 An update = world model + imagination + actor + critic on one replayed batch (random frames: speed does
 not depend on content). Env steps/s = the acting loop alone (render + policy forward), no training.
-Both run with torch threads = 1 (the script's default) in fp32 on CPU. CPU seconds are reported next to
-wall seconds because the cores are shared: wall time is what this moment's load allowed.
+Both run with torch threads = 1 (the script's default): in fp32 on CPU, or with `cuda` on the GPU with the
+training script's bf16 autocast. CPU seconds are reported next to wall seconds because the cores are
+shared: wall time is what this moment's load allowed.
 
     python bench/bench_dreamer.py            # ~1-2 min on 2 CPU cores
+    python bench/bench_dreamer.py cuda       # on a GPU
 """
 import os
 import sys
@@ -36,6 +38,8 @@ def timed(fn, n):
 
 
 def main():
+    device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
+    reps = 10 if device.type == "cuda" else 1  # more timed updates where they are cheap
     torch.set_num_threads(1)
     td.keep_freed_memory()
     rng = np.random.default_rng(0)
@@ -45,16 +49,17 @@ def main():
     for t in range(1000):
         replay.add(image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, act_dim),
                    reward=float(rng.random()), is_first=t % 500 == 0, is_terminal=False)
-    print(f"{ENV_ID}, torch {torch.__version__}, threads {torch.get_num_threads()}, load average "
+    print(f"{ENV_ID}, torch {torch.__version__}, device {device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, threads {torch.get_num_threads()}, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     header = (f"{'config':<18} {'batch':>6} {'params':>7} {'upd/s':>6} {'CPU s/upd':>9} {'env st/s':>8} "
               f"{'ratio':>5} {'updates':>7} {'100k steps, h':>13}")
     print(header + "\n" + "-" * len(header))
     for name, size, B, L, ratio, n in CONFIGS:
         torch.manual_seed(0)
-        agent = td.Dreamer(td.Args(size=size), act_dim, discrete)
+        agent = td.Dreamer(td.Args(size=size), act_dim, discrete).to(device)
         params = sum(p.numel() for p in agent.parameters()) / 1e6
-        upd_wall, upd_cpu = timed(lambda: agent.train_step(replay.sample(B, L, rng)), n)
+        upd_wall, upd_cpu = timed(lambda: agent.train_step(replay.sample(B, L, rng)), n * reps)  # .item(): synced
         obs, _ = env.reset(seed=0)
         state = {"obs": obs, "carry": None}
 
