@@ -7,9 +7,9 @@
 `reward` scores expert (ε = 0) and ε-degraded episodes (collect_expert_videos.py --epsilon ε
 --prefix eps<ε>_ with the same --seed for every ε, so each ε replays the same starts and goals; ε = 1
 is the random policy; without eps0.0_ files the expert test split stands for ε = 0) with the video
-model and reports per task: the mean VIPER reward per ε (should fall as ε grows), Spearman ρ between per-episode VIPER return and
-true return, and the AUROC of expert vs random episodes (by VIPER return). It writes summary.json and
-PNG plots. `agent` runs a trained agent on its true task reward and writes a GIF and summary.json.
+model and reports per task: the mean VIPER reward per ε (should fall as ε grows), Spearman ρ between
+per-episode VIPER return and true return, and the AUROC of expert vs random episodes (by VIPER
+return). It writes summary.json and PNG plots. `agent` runs a trained agent on its true task reward and writes a GIF and summary.json.
 `samples` writes open-loop rollouts of the video model next to the real continuation as a GIF grid.
 
 Like CleanRL's evals, this file imports the model code from the training scripts.
