@@ -3,6 +3,7 @@
     python eval.py reward  --reward-model runs/vgpt/videogpt.pt --data-dir data/experts --degraded-dir data/degraded
     python eval.py agent   --checkpoint runs/agent/agent.pt --num-episodes 10
     python eval.py samples --reward-model runs/vgpt/videogpt.pt --data-dir data/experts
+    python eval.py curves  --runs oracle=runs/oracle/eval.csv viper=runs/viper/eval.csv --reference oracle
 
 `reward` scores expert (ε = 0) and ε-degraded episodes (collect_expert_videos.py --epsilon ε
 --prefix eps<ε>_ with the same --seed for every ε, so each ε replays the same starts and goals; ε = 1
@@ -11,6 +12,9 @@ model and reports per task: the mean VIPER reward per ε (should fall as ε grow
 per-episode VIPER return and true return, and the AUROC of expert vs random episodes (by VIPER
 return). It writes summary.json and PNG plots. `agent` runs a trained agent on its true task reward and writes a GIF and summary.json.
 `samples` writes open-loop rollouts of the video model next to the real continuation as a GIF grid.
+`curves` draws the eval.csv learning curves of several agent runs in one PNG (with the random policy's
+return as a line) and prints them as a table, with each run's share of a reference run's return at the
+same env steps (VIPER vs the task oracle).
 
 Like CleanRL's evals, this file imports the model code from the training scripts.
 """
@@ -83,6 +87,23 @@ class SamplesArgs:
     """sampling seed"""
     output_dir: str = "runs/eval_samples"
     """where samples.gif goes"""
+
+
+@dataclass
+class CurvesArgs:
+    runs: list[str]
+    """curves to draw, each `label=path/to/eval.csv` (train_viper_dreamer.py's file: step, return)"""
+    reference: Optional[str] = None
+    """label of the run the others are compared to (e.g. the task oracle): the table adds each run's return
+    as a percentage of the reference's at the same env steps"""
+    random_return: Optional[float] = None
+    """mean return of the random policy, drawn as a dashed line"""
+    target: Optional[float] = None
+    """a target return, drawn as a dotted line"""
+    title: str = ""
+    """plot title"""
+    output: str = "runs/eval_curves/curves.png"
+    """PNG to write (its folder also gets curves.md, the printed table)"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,10 +333,84 @@ def eval_samples(args: SamplesArgs):
     print(f"wrote {args.output_dir}/samples.gif (left: real, right: sampled after {args.context_frames} context frames)")
 
 
+# ---------------------------------------------------------------------------------------------
+# eval.py curves
+# ---------------------------------------------------------------------------------------------
+def read_eval_csv(path):
+    """{step: return} from an eval.csv written by train_viper_dreamer.py."""
+    import csv
+
+    if not os.path.isfile(path):
+        sys.exit(f"error: eval file {path!r} does not exist")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] != ["step", "return"]:
+        sys.exit(f"error: {path!r} is not an eval.csv (expected the header 'step,return', got {rows[:1]})")
+    try:
+        return {int(r[0]): float(r[1]) for r in rows[1:] if r}
+    except (ValueError, IndexError) as e:
+        sys.exit(f"error: {path!r} has a malformed row ({e})")
+
+
+def curves_table(curves, reference=None):
+    """Markdown table: one row per env step found in any run, one column per run, and with a reference
+    run one "% of <reference>" column per other run (blank where either run has no eval at that step)."""
+    steps = sorted(set().union(*curves.values()))
+    others = [k for k in curves if reference is not None and k != reference]
+    head = ["env steps", *curves, *[f"{k} / {reference}" for k in others]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in steps:
+        cells = [str(s)] + [f"{c[s]:.1f}" if s in c else "" for c in curves.values()]
+        ref = curves[reference].get(s) if reference is not None else None
+        for k in others:
+            ok = ref is not None and ref > 0 and s in curves[k]
+            cells.append(f"{100 * curves[k][s] / ref:.0f}%" if ok else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def eval_curves(args: CurvesArgs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for spec in args.runs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            sys.exit(f"error: --runs entry {spec!r} must look like label=path/to/eval.csv")
+        if label in curves:
+            sys.exit(f"error: --runs label {label!r} is used twice")
+        curves[label] = read_eval_csv(path)
+    if args.reference is not None and args.reference not in curves:
+        sys.exit(f"error: --reference {args.reference!r} is not one of the labels {list(curves)}")
+    table = curves_table(curves, args.reference)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, c in curves.items():
+        ax.plot(list(c), list(c.values()), "o-", ms=3, label=label)
+    if args.random_return is not None:
+        ax.axhline(args.random_return, color="gray", ls="--", label=f"random policy ({args.random_return:.0f})")
+    if args.target is not None:
+        ax.axhline(args.target, color="tab:green", ls=":", label=f"target ({args.target:.0f})")
+    ax.set(xlabel="env steps", ylabel="eval return (true task reward)", title=args.title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    fig.savefig(args.output, dpi=80)
+    plt.close(fig)
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.output)), "curves.md"), "w") as f:
+        f.write(table + "\n")
+    print(table + f"\n-> {args.output}")
+    return table
+
+
 if __name__ == "__main__":
     args = tyro.cli(Union[
         Annotated[RewardArgs, tyro.conf.subcommand("reward")],
         Annotated[AgentArgs, tyro.conf.subcommand("agent")],
         Annotated[SamplesArgs, tyro.conf.subcommand("samples")],
+        Annotated[CurvesArgs, tyro.conf.subcommand("curves")],
     ])
-    {RewardArgs: eval_reward, AgentArgs: eval_agent, SamplesArgs: eval_samples}[type(args)](args)
+    {RewardArgs: eval_reward, AgentArgs: eval_agent, SamplesArgs: eval_samples,
+     CurvesArgs: eval_curves}[type(args)](args)

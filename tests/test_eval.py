@@ -113,3 +113,34 @@ def test_eval_samples_writes_gif(tmp_path):
     gif = Image.open(out / "samples.gif")
     assert gif.n_frames == 3  # the model's window: 1 context frame + 2 sampled
     assert gif.size == (2 * 64, 2 * 64)  # 2 rows; real | sampled
+
+
+def _write_eval_csv(path, rows):
+    path.write_text("step,return\n" + "".join(f"{s},{r}\n" for s, r in rows))
+
+
+def test_eval_curves_table_and_png(tmp_path):
+    _write_eval_csv(tmp_path / "o.csv", [(10000, 200.0), (20000, 400.0)])
+    _write_eval_csv(tmp_path / "v.csv", [(10000, 150.0), (20000, 100.0), (30000, 50.0)])
+    out = tmp_path / "plots" / "c.png"
+    table = ev.eval_curves(ev.CurvesArgs(runs=[f"oracle={tmp_path / 'o.csv'}", f"viper={tmp_path / 'v.csv'}"],
+                                         reference="oracle", random_return=100.0, output=str(out)))
+    lines = table.splitlines()
+    assert lines[0] == "| env steps | oracle | viper | viper / oracle |"
+    assert lines[2] == "| 10000 | 200.0 | 150.0 | 75% |"
+    assert lines[3] == "| 20000 | 400.0 | 100.0 | 25% |"
+    assert lines[4] == "| 30000 |  | 50.0 |  |"  # no oracle eval at 30k: no ratio
+    assert out.stat().st_size > 1000 and (tmp_path / "plots" / "curves.md").read_text().strip() == table
+
+
+def test_eval_curves_bad_inputs(tmp_path):
+    _write_eval_csv(tmp_path / "o.csv", [(10000, 200.0)])
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="label=path"):
+        ev.eval_curves(ev.CurvesArgs(runs=[str(tmp_path / "o.csv")]))
+    with pytest.raises(SystemExit, match="does not exist"):
+        ev.eval_curves(ev.CurvesArgs(runs=[f"x={tmp_path / 'missing.csv'}"]))
+    with pytest.raises(SystemExit, match="not an eval.csv"):
+        ev.eval_curves(ev.CurvesArgs(runs=[f"x={tmp_path / 'bad.csv'}"]))
+    with pytest.raises(SystemExit, match="--reference 'y' is not one of"):
+        ev.eval_curves(ev.CurvesArgs(runs=[f"x={tmp_path / 'o.csv'}"], reference="y"))
