@@ -396,10 +396,11 @@ def eval_curves(args: CurvesArgs):
     ax.set(xlabel="env steps", ylabel="eval return (true task reward)", title=args.title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
     fig.savefig(args.output, dpi=80)
     plt.close(fig)
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.output)), "curves.md"), "w") as f:
+    with open(os.path.join(out_dir, "curves.md"), "w") as f:
         f.write(table + "\n")
     print(table + f"\n-> {args.output}")
     return table
