@@ -57,7 +57,8 @@ Actor-critic (learned in imagination, Adam lr 3e-5, eps 1e-5, grad-norm clip 100
     towards the prediction of a slow copy (EMA, 2% per update), both as two-hot log-likelihoods.
   * Returns normalised by S = max(1, P95 - P5), percentiles tracked with an EMA of decay 0.99.
   * Actor: REINFORCE for discrete actions (Atari), backpropagation through the learned dynamics for
-    continuous actions (DMC); entropy bonus 3e-4; discrete: 1% unimix; continuous: Normal(tanh(mu),
+    continuous actions (DMC; like the v1 code, the gradient also flows through the baseline v(s_t) of
+    the imagined states, --no-baseline-grad stops it); entropy bonus 3e-4; discrete: 1% unimix; continuous: Normal(tanh(mu),
     sigma) with sigma in [0.1, 1].
 Data: one environment; uniform replay of 64-step chunks; `--train-ratio` replayed steps per env step,
 i.e. one update every batch_size * batch_length / train_ratio env steps once `--prefill` random steps
@@ -185,6 +186,10 @@ class Args:
     """critic Adam learning rate (default: paper 3e-5; `cpu` size 1e-4)"""
     adam_beta2: Optional[float] = None
     """Adam second-moment decay of all optimisers (default: paper 0.999; `cpu` size 0.99)"""
+    baseline_grad: bool = True
+    """continuous actions: the backprop actor loss -(R_lambda - v(s_t)) also differentiates the baseline
+    v(s_t) through the imagined states, as DreamerV3's v1 code does; --no-baseline-grad stops it, so the
+    actor climbs the lambda-return alone (DreamerV2's dynamics-backprop objective)"""
     batch_size: int = 16
     """replayed chunks per update"""
     batch_length: int = 64
@@ -1200,7 +1205,7 @@ class Dreamer(nn.Module):
         if args.size not in SIZES:
             raise ValueError(f"unknown --size {args.size!r}; choose from {', '.join(SIZES)}")
         s = SIZES[args.size]
-        self.act_dim, self.discrete = act_dim, discrete
+        self.act_dim, self.discrete, self.baseline_grad = act_dim, discrete, args.baseline_grad
         self.encoder = ConvEncoder(s["depth"])
         self.rssm = RSSM(act_dim, self.encoder.out_dim, s["deter"], s["units"], s["stoch"], s["classes"])
         feat = self.rssm.feat_dim
@@ -1333,7 +1338,8 @@ class Dreamer(nn.Module):
             ret = lambda_returns(rewards[k].float(), value, traj["cont"][1:])
             self.retnorms[k].update(ret)
             scale = self.retnorms[k].scale()
-            adv = adv + self.scales[k] / total * (ret - value[:-1]) / scale  # offset cancels in the difference
+            base = value[:-1] if self.baseline_grad else value[:-1].detach()
+            adv = adv + self.scales[k] / total * (ret - base) / scale  # offset cancels in the difference
             targets[k] = ret.detach()
             metrics.update({f"imagination/{k}_reward": rewards[k].mean().item(), f"imagination/{k}_return":
                             ret.mean().item(), f"imagination/{k}_return_scale": scale.item()})

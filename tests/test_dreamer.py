@@ -134,6 +134,26 @@ def test_imagination_rollout_and_actor_gradients(tmp_path, discrete):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.actor.parameters())
 
 
+def test_no_baseline_grad_keeps_the_loss_and_changes_only_the_actor_gradient():
+    """--no-baseline-grad detaches v(s_t) in the backprop actor loss: same loss value, different gradient."""
+    grads, losses = [], []
+    for baseline_grad in (True, False):
+        torch.manual_seed(0)
+        agent = td.Dreamer(td.Args(size="cpu", baseline_grad=baseline_grad), 2, False)
+        for p in agent.critics.parameters():  # the zero-initialised critic has no gradient to stop
+            torch.nn.init.normal_(p, std=0.1)
+        start = {k: v.detach().expand(5, *v.shape[1:]).clone() for k, v in agent.rssm.initial(1).items()}
+        torch.manual_seed(1)
+        with td.frozen(agent.world_model, agent.critics):
+            traj, dists = agent.imagine(start, torch.ones(5), backprop=True)
+            loss, _, _ = agent.actor_critic_loss(traj, dists, backprop=True)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in agent.actor.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-7)
+
+
 def test_train_step_updates_everything():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
