@@ -65,6 +65,9 @@ class AgentArgs:
     """where summary.json and episodes.gif go"""
     gif_episodes: int = 1
     """how many episodes to keep in the GIF"""
+    sample: bool = False
+    """act with samples of the policy (DreamerV3's own evaluation) instead of its mode (the training
+    script's evaluation)"""
 
 
 @dataclass
@@ -275,6 +278,7 @@ def plot_reward(summary, curves, out):
 # eval.py agent / samples
 # ---------------------------------------------------------------------------------------------
 def eval_agent(args: AgentArgs):
+    import torch
     from tqdm import tqdm
 
     import collect_expert_videos as cev
@@ -284,7 +288,8 @@ def eval_agent(args: AgentArgs):
     env_id = ckpt["args"]["env_id"]
     del ckpt
     env = cev.make_env(env_id, seed=args.seed)
-    policy = load_agent_policy(args.checkpoint, env)
+    policy = load_agent_policy(args.checkpoint, env, explore=args.sample)
+    torch.manual_seed(args.seed)  # the action samples
     rng = np.random.default_rng(args.seed)
     returns, gif = [], []
     for i in tqdm(range(args.num_episodes), desc=f"eval {env_id}"):
@@ -293,7 +298,8 @@ def eval_agent(args: AgentArgs):
         if i < args.gif_episodes:
             gif.append(video[::2])
     os.makedirs(args.output_dir, exist_ok=True)
-    summary = {"checkpoint": args.checkpoint, "env_id": env_id, "returns": returns,
+    summary = {"checkpoint": args.checkpoint, "env_id": env_id, "actions": "sample" if args.sample else "mode",
+               "returns": returns,
                "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns))}
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

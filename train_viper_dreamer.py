@@ -1427,7 +1427,7 @@ def step(opt, loss, params, clip):
 # Policy for other scripts (collect_expert_videos.py --policy agent)
 # ---------------------------------------------------------------------------------------------
 class AgentPolicy:
-    """Stateful greedy policy: obs -> env action, keeping the RSSM latent between calls.
+    """Stateful policy (mode, or samples if explore): obs -> env action, keeping the RSSM latent between calls.
 
     Call `reset()` at each episode start (the env's reset() is also hooked to do it).
     """
@@ -1456,8 +1456,9 @@ def action_spec(env):
     raise ValueError(f"unsupported action space {space}")
 
 
-def load_agent_policy(checkpoint_path, env, device="cpu"):
-    """Load agent.pt written by this script and return a stateful policy (callable obs -> action, reset())."""
+def load_agent_policy(checkpoint_path, env, device="cpu", explore=False):
+    """Load agent.pt written by this script and return a stateful policy (callable obs -> action, reset())
+    that acts with the mode of the actor, or with samples if explore."""
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"agent checkpoint {checkpoint_path!r} does not exist")
     ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -1469,7 +1470,7 @@ def load_agent_policy(checkpoint_path, env, device="cpu"):
     agent = Dreamer(args, act_dim, discrete).to(device)
     agent.load_state_dict(ckpt["agent"])
     agent.eval()
-    policy = AgentPolicy(agent, env)
+    policy = AgentPolicy(agent, env, explore)
     env_reset = env.reset
 
     def reset(*a, **kw):  # a new episode must start from a fresh latent, even if the caller forgets

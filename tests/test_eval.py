@@ -96,6 +96,10 @@ def test_eval_agent_writes_json_and_gif(tmp_path):
     assert summary["env_id"] == "dmc_cartpole_balance" and len(summary["returns"]) == 1
     assert 0.0 <= summary["mean_return"] <= 1000.0
     assert (out / "summary.json").exists() and (out / "episodes.gif").stat().st_size > 1000
+    sampled = ev.eval_agent(ev.AgentArgs(checkpoint=path, num_episodes=1, output_dir=str(out), sample=True))
+    again = ev.eval_agent(ev.AgentArgs(checkpoint=path, num_episodes=1, output_dir=str(out), sample=True))
+    assert (summary["actions"], sampled["actions"]) == ("mode", "sample")
+    assert sampled["returns"] != summary["returns"] and sampled["returns"] == again["returns"]  # seeded samples
     with pytest.raises(SystemExit, match="expected a videogpt"):
         ev.load_checkpoint(path, "videogpt")
 
