@@ -90,7 +90,8 @@ Deliberate deviations from the paper/code (v1):
     boundaries (is_first resets the latent, as in the paper); every chunk starts from the learned initial
     latent (its first step is treated as is_first) instead of a latent carried over from earlier training.
   * `--prefill` env steps with uniform random actions before learning starts.
-  * Evaluation acts with the mode of the policy (training samples).
+  * Evaluation acts with the mode of the policy (training and the official evaluation sample;
+    `eval.py agent --sample` does too).
   * Replay stores the clipped action the env executed; layers followed by LayerNorm have no bias (the
     norm's offset plays its role); prior logits are computed for the whole chunk after the posterior
     loop (same values, fewer sequential ops).
