@@ -76,10 +76,11 @@ Model sizes (`--size`; the paper's table: GRU units / dense units / CNN multipli
   The ensemble members use the size's dense units and layers, as the official disag_head does.
 The paper trains DMC from pixels with train ratio 512 (one update every 2 env steps): ~50k updates per
 100k env steps, far beyond 2 CPU cores. Here learning is limited by the number of updates and an update
-costs time in proportion to its batch, so the CPU recipe halves the batch to double the updates.
-For dmc_cartpole_balance (~24k updates, ~2 h on one core; measured: eval 614 at 80k steps, 550 on 20
-episodes at 100k -- batch 16 got 529 --; the scripted expert gets 1000):
-    python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-size 8 --batch-length 32 \
+costs time in proportion to its batch, so the CPU recipe cuts the batch to 4 x 32 for 4x the updates
+of batch 16 (one update every 2 env steps, the paper's update rate).
+For dmc_cartpole_balance (~49k updates, 2 h 16 min on one core; measured: eval 817 at 80k steps, 960 at
+90k, 944 at 100k -- batch 8 got 510, batch 16 528 --; the scripted expert gets 1000):
+    python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-size 4 --batch-length 32 \
         --train-ratio 64
 
 Deliberate deviations from the paper/code (v1):
@@ -123,7 +124,7 @@ lazily: 100k steps = 1.2 GB, the 1M-step default capacity = 12.3 GB at most.
     python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-length 32 --train-ratio 64 \
         --reward viper --reward-model runs/videogpt/videogpt.pt          # VIPER (density + disagreement)
     python train_viper_dreamer.py ... --reward viper --reward-model runs/videogpt/videogpt.pt --expl-scale 0
-    python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-size 8 --batch-length 32 --train-ratio 64
+    python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-size 4 --batch-length 32 --train-ratio 64
     python train_viper_dreamer.py --env-id dmc_walker_walk --size S --train-ratio 512   # paper DMC setting
     python train_viper_dreamer.py --env-id atari_pong --size S --train-ratio 64
     python train_viper_dreamer.py --output-dir runs/x --resume         # continue runs/x (same flags)

@@ -22,7 +22,8 @@ import train_viper_dreamer as td  # noqa: E402
 
 # name, size, batch_size, batch_length, train_ratio (replayed steps per env step), timed updates
 CONFIGS = [
-    ("cpu, recipe", "cpu", 8, 32, 64.0, 6),
+    ("cpu, recipe", "cpu", 4, 32, 64.0, 8),
+    ("cpu, batch 8", "cpu", 8, 32, 64.0, 6),
     ("cpu, batch 16", "cpu", 16, 32, 64.0, 6),
     ("cpu, paper batch", "cpu", 16, 64, 32.0, 3),
     ("S, paper batch", "S", 16, 64, 512.0, 1),
