@@ -58,8 +58,8 @@ Actor-critic (learned in imagination, Adam lr 3e-5, eps 1e-5, grad-norm clip 100
   * Returns normalised by S = max(1, P95 - P5), percentiles tracked with an EMA of decay 0.99.
   * Actor: REINFORCE for discrete actions (Atari), backpropagation through the learned dynamics for
     continuous actions (DMC; like the v1 code, the gradient also flows through the baseline v(s_t) of
-    the imagined states, --no-baseline-grad stops it); entropy bonus 3e-4; discrete: 1% unimix; continuous: Normal(tanh(mu),
-    sigma) with sigma in [0.1, 1].
+    the imagined states, --no-baseline-grad stops it); entropy bonus 3e-4; discrete: 1% unimix;
+    continuous: Normal(tanh(mu), sigma) with sigma in [0.1, 1].
 Data: one environment; uniform replay of 64-step chunks; `--train-ratio` replayed steps per env step,
 i.e. one update every batch_size * batch_length / train_ratio env steps once `--prefill` random steps
 are collected.
