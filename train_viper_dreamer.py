@@ -72,7 +72,7 @@ optimisers are dicts keyed by reward term.
 Model sizes (`--size`; the paper's table: GRU units / dense units / CNN multiplier d / MLP layers):
   XS 256/256/24/1, S 512/512/32/2, M 1024/640/48/3, L 2048/768/64/4, XL 4096/1024/96/5 (32x32 latents).
   `cpu` (ours, for 2 CPU cores): GRU 128, dense 128, d 8, 1 layer, 16x16 latents; 1.2M parameters,
-  ~0.5 CPU-s per update at batch 16 x 32 (S: ~11 CPU-s at 16 x 64; bench/bench_dreamer.py).
+  ~0.15 CPU-s per update at batch 4 x 32, ~0.5 at 16 x 32 (S: 9-11 CPU-s at 16 x 64; bench/bench_dreamer.py).
   The ensemble members use the size's dense units and layers, as the official disag_head does.
 The paper trains DMC from pixels with train ratio 512 (one update every 2 env steps): ~50k updates per
 100k env steps, far beyond 2 CPU cores. Here learning is limited by the number of updates and an update

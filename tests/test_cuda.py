@@ -10,7 +10,7 @@ import train_videogpt as tv
 import train_viper_dreamer as td
 import train_vqgan
 from test_videogpt import small_frames, workdir  # noqa: F401  (workdir is a fixture)
-from test_viper import make_videogpt, run
+from test_viper import TASK, make_videogpt, run
 from test_vqgan import make_dataset, tiny_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -51,7 +51,7 @@ def test_agent_trains_on_cuda_and_its_checkpoint_acts_on_cpu(tmp_path, reward):
     assert all(p.is_cuda and torch.isfinite(p).all() for p in agent.parameters())
     with open(tmp_path / "run" / "eval.csv") as f:
         assert np.isfinite(float(f.read().splitlines()[-1].split(",")[1]))
-    env = td.make_env(td.Args().env_id)
+    env = td.make_env(TASK)  # the env run() trained on
     policy = td.load_agent_policy(str(tmp_path / "run" / "agent.pt"), env, "cpu")
     obs, _ = env.reset(seed=0)
     for _ in range(5):
