@@ -109,6 +109,57 @@ class CurvesArgs:
     """PNG to write (its folder also gets curves.md, the printed table)"""
 
 
+@dataclass
+class ReferenceArgs:
+    reward_model: str
+    """videogpt.pt the agent will be (or was) trained with"""
+    env_id: str = "dmc_cartpole_balance"
+    """the agent's --env-id (also the task label of a class-conditional model)"""
+    mode: Literal["conditional", "joint"] = "conditional"
+    """the agent's --reward-mode"""
+    data_dir: str = "data/experts"
+    """expert episodes: <data-dir>/<env-id>/test/*.npz"""
+    degraded_dir: Optional[str] = "data/degraded"
+    """epsilon-degraded episodes: <degraded-dir>/<env-id>/*/eps<epsilon>_*.npz (skipped when absent)"""
+    episodes: int = 4
+    """episodes rolled out per fixed behaviour (random, zero and constant actions)"""
+    seed: int = 10_000
+    """episode i of each rolled-out behaviour starts from env seed seed + i (default: the agent's eval seeds)"""
+    output_dir: str = "runs/eval_reference"
+    """where reference.json and reference.csv go (pass reference.json to train_viper_dreamer.py
+    --reference-returns and to eval.py episodes)"""
+
+
+@dataclass
+class HeatmapArgs:
+    reward_model: str
+    """videogpt.pt written by train_videogpt.py"""
+    env_id: str = "dmc_cartpole_balance"
+    """task label of a class-conditional model; episodes come from <data-dir>/<env-id>/test and <random-dir>/<env-id>"""
+    data_dir: str = "data/experts"
+    """expert episodes: the first of <data-dir>/<env-id>/test/*.npz is drawn"""
+    random_dir: str = "data/random"
+    """random-policy episodes: the first of <random-dir>/<env-id>/*/*.npz is drawn"""
+    frames: int = 6
+    """frames per episode in the figure, evenly spaced over the episode"""
+    output: str = "runs/eval_heatmap/heatmap.png"
+    """PNG to write"""
+
+
+@dataclass
+class EpisodesArgs:
+    run: str
+    """an agent's output dir: its episodes.csv (or, for runs that predate it, its tensorboard events)"""
+    reference: Optional[str] = None
+    """reference.json from eval.py reference: its behaviours are drawn as horizontal lines"""
+    smooth: int = 10
+    """episodes in the moving average drawn over the per-episode points"""
+    title: str = ""
+    """plot title"""
+    output: str = "runs/eval_episodes/episodes.png"
+    """PNG to write"""
+
+
 # ---------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------
@@ -411,12 +462,268 @@ def eval_curves(args: CurvesArgs):
     return table
 
 
+
+# ---------------------------------------------------------------------------------------------
+# eval.py reference: what does the agent's reward pay for known behaviour?
+# ---------------------------------------------------------------------------------------------
+def fixed_policies(env):
+    """Behaviours that know nothing of the task: {name: policy(obs, rng) -> action}. A reward that pays
+    zero or constant actions nearly as well as the expert can be maximised without doing the task."""
+    import gymnasium as gym
+
+    import collect_expert_videos as cev
+
+    if isinstance(env.action_space, gym.spaces.Discrete):
+        return {"random actions": lambda obs, rng: cev.random_action(env, rng),
+                "no-op (action 0)": lambda obs, rng: 0, "constant action 1": lambda obs, rng: 1}
+    shape = env.action_space.shape
+    return {"random actions": lambda obs, rng: cev.random_action(env, rng),
+            "zero actions": lambda obs, rng: np.zeros(shape, np.float32),
+            "constant +1": lambda obs, rng: np.ones(shape, np.float32),
+            "constant -1": lambda obs, rng: -np.ones(shape, np.float32)}
+
+
+def rollout(env, policy, rng, seed):
+    """One episode of policy(obs, rng): (frames [T+1, H, W, 3] with the reset frame first, true return)."""
+    obs, _ = env.reset(seed=seed)
+    frames, ret, done = [obs], 0.0, False
+    while not done:
+        obs, r, terminated, truncated, _ = env.step(policy(obs, rng))
+        frames.append(obs)
+        ret += float(r)
+        done = terminated or truncated
+    return np.stack(frames), ret
+
+
+def episode_viper_return(rm, frames, env_id, mode):
+    """VIPER return of an episode as the agent counts it: the rewards of every step after the reset frame,
+    summed. compute_rewards equals the agent's insert-time labeler step for step (StepRewards; tested)."""
+    import torch
+
+    return float(rm.compute_rewards(torch.from_numpy(np.ascontiguousarray(frames))[None], env_id, mode)[0, 1:].sum())
+
+
+def eval_reference(args: ReferenceArgs):
+    """Score expert, degraded and task-blind behaviour under the agent's exact reward (model, task label,
+    mode): the horizontal lines the agent's VIPER return per episode is read against."""
+    from tqdm import tqdm
+
+    import collect_expert_videos as cev
+
+    if args.episodes < 1:
+        sys.exit(f"error: --episodes must be >= 1, got {args.episodes}")
+    if args.env_id not in cev.VALID_ENV_IDS:
+        sys.exit(f"error: unknown --env-id {args.env_id!r}; valid ids: {', '.join(cev.VALID_ENV_IDS)}")
+    rm = load_reward_model(args.reward_model)
+    try:
+        rm.labels(args.env_id)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    recorded = {}  # behaviour -> npz paths
+    test = sorted(glob.glob(os.path.join(args.data_dir, args.env_id, "test", "*.npz")))
+    if test:
+        recorded["expert (test split)"] = test
+    if args.degraded_dir:
+        for path in sorted(glob.glob(os.path.join(args.degraded_dir, args.env_id, "*", "eps*_*.npz"))):
+            m = re.match(r"eps([0-9.]+)_", os.path.basename(path))
+            if m:
+                recorded.setdefault(f"expert, epsilon {float(m.group(1)):g}", []).append(path)
+    if not recorded:
+        sys.exit(f"error: no expert episodes in {os.path.join(args.data_dir, args.env_id, 'test')} "
+                 f"nor degraded ones in {args.degraded_dir}: record some with collect_expert_videos.py")
+    behaviours = {}
+    for name, paths in recorded.items():
+        rows = []
+        for path in tqdm(paths, desc=name, leave=False):
+            ep = np.load(path)
+            rows.append((episode_viper_return(rm, ep["video"], args.env_id, args.mode), float(ep["reward"].sum()),
+                         len(ep["video"]) - 1))
+        behaviours[name] = rows
+    env = cev.make_env(args.env_id, seed=args.seed)
+    for name, policy in fixed_policies(env).items():
+        rng, rows = np.random.default_rng(args.seed), []
+        for i in tqdm(range(args.episodes), desc=name, leave=False):
+            frames, ret = rollout(env, policy, rng, args.seed + i)
+            rows.append((episode_viper_return(rm, frames, args.env_id, args.mode), ret, len(frames) - 1))
+        behaviours[name] = rows
+    env.close()
+    table = {}
+    for name, rows in behaviours.items():
+        v, r, n = (np.array(c, np.float64) for c in zip(*rows))
+        table[name] = dict(episodes=len(rows), viper_return_mean=float(v.mean()), viper_return_std=float(v.std()),
+                           viper_reward_per_step=float((v / n).mean()), true_return_mean=float(r.mean()),
+                           true_return_std=float(r.std()))
+    expert = next(table[k]["viper_return_mean"] for k in table if k.startswith("expert"))
+    rand = table["random actions"]["viper_return_mean"]
+    # where each blind behaviour lies between random (0) and expert (1): >= 0.5 is closer to the expert
+    broken = {k: (table[k]["viper_return_mean"] - rand) / (expert - rand) for k in table
+              if k not in ("random actions",) and not k.startswith("expert") and expert != rand}
+    broken = {k: v for k, v in broken.items() if v >= 0.5}
+    summary = {"reward_model": args.reward_model, "env_id": args.env_id, "mode": args.mode, "seed": args.seed,
+               "behaviours": table, "blind_behaviours_near_expert": broken}
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "reference.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    head = ["behaviour", "episodes", "viper_return_mean", "viper_return_std", "viper_reward_per_step",
+            "true_return_mean", "true_return_std"]
+    lines = [",".join(head)] + [",".join([k] + [f"{t[h]:.2f}" if isinstance(t[h], float) else str(t[h])
+                                                for h in head[1:]]) for k, t in table.items()]
+    with open(os.path.join(args.output_dir, "reference.csv"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"{args.env_id}, {args.mode} VIPER reward of {args.reward_model}:")
+    w = max(map(len, table))
+    for k, t in table.items():
+        print(f"  {k:<{w}}  VIPER return {t['viper_return_mean']:>10.1f} +- {t['viper_return_std']:<8.1f} "
+              f"({t['viper_reward_per_step']:.2f} / step)  true return {t['true_return_mean']:.1f}")
+    for k, v in broken.items():
+        print(f"WARNING: '{k}' scores {table[k]['viper_return_mean']:.1f}, {100 * v:.0f}% of the way from random "
+              f"({rand:.1f}) to the expert ({expert:.1f}): this reward can be climbed without doing the task; "
+              f"fix the video model before a long agent run")
+    print(f"-> {args.output_dir}/reference.json, reference.csv")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py heatmap: where in the frame does the reward come from?
+# ---------------------------------------------------------------------------------------------
+def token_log_probs(rm, frames, task, steps):
+    """Per-token log p of frame t given the earlier frames of its (conditional) window: [len(steps), h, w]."""
+    import torch
+
+    L, k = rm.seq_len, rm.frame_skip
+    codes = rm.encode(torch.from_numpy(np.ascontiguousarray(frames))[None])[0]  # [T, h, w]
+    labels, out = rm.labels(task), []
+    with torch.inference_mode():
+        for t in steps:
+            idx = [t - j * k for j in reversed(range(L)) if t - j * k >= 0]  # the first-steps rule of the reward
+            window = codes[idx][None]
+            logp = rm.model(window, labels).float().log_softmax(-1)
+            logp = logp.gather(-1, window.flatten(1)[..., None])[0, :, 0]
+            out.append(logp.view(len(idx), *rm.model.token_hw)[-1].cpu().numpy())
+    return np.stack(out)
+
+
+def eval_heatmap(args: HeatmapArgs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rm = load_reward_model(args.reward_model)
+    try:
+        rm.labels(args.env_id)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    sources = {"expert": sorted(glob.glob(os.path.join(args.data_dir, args.env_id, "test", "*.npz"))),
+               "random": sorted(glob.glob(os.path.join(args.random_dir, args.env_id, "*", "*.npz")))}
+    for name, paths in sources.items():
+        if not paths:
+            folder = args.data_dir if name == "expert" else args.random_dir
+            sys.exit(f"error: no {name} episodes for {args.env_id} under {folder!r}")
+    rows = []
+    for name, paths in sources.items():
+        video = np.load(paths[0])["video"]
+        steps = np.linspace((rm.seq_len - 1) * rm.frame_skip, len(video) - 1, args.frames).astype(int)
+        rows.append((name, paths[0], video[steps], steps, token_log_probs(rm, video, args.env_id, steps)))
+    vmin = min(r[4].min() for r in rows)
+    fig, axes = plt.subplots(4, args.frames, figsize=(1.6 * args.frames, 7), squeeze=False)
+    for i, (name, path, frames, steps, maps) in enumerate(rows):
+        for j in range(args.frames):
+            axes[2 * i, j].imshow(frames[j])
+            axes[2 * i, j].set_title(f"{name}, t={steps[j]}", fontsize=7)
+            im = axes[2 * i + 1, j].imshow(maps[j], vmin=vmin, vmax=0, cmap="magma", interpolation="nearest")
+            axes[2 * i + 1, j].set_title(f"log p = {maps[j].sum():.1f}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(im, ax=axes, shrink=0.6, label="log p per token (nats)")
+    fig.suptitle(f"{args.env_id}: per-token log-likelihood of each frame given its window", fontsize=9)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    fig.savefig(args.output, dpi=80)
+    plt.close(fig)
+    for name, path, _, _, maps in rows:
+        print(f"{name} ({path}): mean log p per frame {maps.sum((1, 2)).mean():.2f}, per token {maps.mean():.3f}")
+    print(f"-> {args.output}")
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py episodes: the agent's VIPER return per episode against the reference behaviours
+# ---------------------------------------------------------------------------------------------
+def read_episodes(run):
+    """{step, return, viper_return} arrays of a run's training episodes: episodes.csv, or the tensorboard
+    scalars charts/episodic_return and charts/episodic_viper_return for runs that predate the file."""
+    import csv
+
+    path = os.path.join(run, "episodes.csv")
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {k: np.array([float(r[k]) for r in rows]) for k in ("step", "return", "viper_return")}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(run, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    if "charts/episodic_return" not in tags:
+        sys.exit(f"error: {run!r} has neither episodes.csv nor tensorboard episode returns")
+    ret = {e.step: e.value for e in acc.Scalars("charts/episodic_return")}
+    vip = {e.step: e.value for e in acc.Scalars("charts/episodic_viper_return")} \
+        if "charts/episodic_viper_return" in tags else {}
+    steps = sorted(ret)
+    return {"step": np.array(steps, float), "return": np.array([ret[s] for s in steps]),
+            "viper_return": np.array([vip.get(s, np.nan) for s in steps])}
+
+
+def eval_episodes(args: EpisodesArgs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.isdir(args.run):
+        sys.exit(f"error: run dir {args.run!r} does not exist")
+    ep = read_episodes(args.run)
+    ref = {}
+    if args.reference:
+        if not os.path.isfile(args.reference):
+            sys.exit(f"error: --reference {args.reference!r} does not exist (write it with eval.py reference)")
+        ref = json.load(open(args.reference))["behaviours"]
+    fig, axes = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"][1:]
+    for ax, key, label in ((axes[0], "viper_return", "VIPER return per episode (nats)"),
+                           (axes[1], "return", "true task return per episode")):
+        y = ep[key]
+        ax.plot(ep["step"], y, ".", ms=3, color="tab:blue", alpha=0.4, label="agent (training episodes)")
+        if len(y) >= args.smooth:
+            avg = np.convolve(y, np.ones(args.smooth) / args.smooth, mode="valid")
+            ax.plot(ep["step"][args.smooth - 1:], avg, color="tab:blue", label=f"agent, mean of {args.smooth}")
+        for (name, t), c in zip(ref.items(), colors * 3):
+            v = t["viper_return_mean" if key == "viper_return" else "true_return_mean"]
+            ax.axhline(v, color=c, ls="--", lw=1, label=f"{name} ({v:.0f})")
+        ax.set(ylabel=label)
+    if ref and np.isfinite(ep["viper_return"]).any():  # random/blind behaviours can be far below: keep the agent in view
+        lo = min(np.nanmin(ep["viper_return"]), min(t["viper_return_mean"] for t in ref.values()))
+        axes[0].set_yscale("symlog", linthresh=max(1.0, abs(lo) / 1000))
+    axes[0].legend(fontsize=6, loc="lower right")
+    axes[0].set_title(args.title or args.run, fontsize=9)
+    axes[1].set(xlabel="env steps")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    fig.savefig(args.output, dpi=80)
+    plt.close(fig)
+    last = slice(-args.smooth, None)
+    print(f"{args.run}: {len(ep['step'])} episodes; last {args.smooth}: VIPER return "
+          f"{np.nanmean(ep['viper_return'][last]):.1f}, true return {np.mean(ep['return'][last]):.1f} -> {args.output}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Union[
         Annotated[RewardArgs, tyro.conf.subcommand("reward")],
         Annotated[AgentArgs, tyro.conf.subcommand("agent")],
         Annotated[SamplesArgs, tyro.conf.subcommand("samples")],
         Annotated[CurvesArgs, tyro.conf.subcommand("curves")],
+        Annotated[ReferenceArgs, tyro.conf.subcommand("reference")],
+        Annotated[HeatmapArgs, tyro.conf.subcommand("heatmap")],
+        Annotated[EpisodesArgs, tyro.conf.subcommand("episodes")],
     ])
-    {RewardArgs: eval_reward, AgentArgs: eval_agent, SamplesArgs: eval_samples,
-     CurvesArgs: eval_curves}[type(args)](args)
+    {RewardArgs: eval_reward, AgentArgs: eval_agent, SamplesArgs: eval_samples, CurvesArgs: eval_curves,
+     ReferenceArgs: eval_reference, HeatmapArgs: eval_heatmap, EpisodesArgs: eval_episodes}[type(args)](args)

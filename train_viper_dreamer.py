@@ -162,6 +162,10 @@ class Args:
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """VIPER reward of step t: `conditional` = log p(x_t | earlier frames of its window) (paper formula);
     `joint` = log p(whole window ending at t) (official code's default)"""
+    reference_returns: Optional[str] = None
+    """reference.json from `eval.py reference` (the VIPER returns of expert, degraded, random, zero and
+    constant-action episodes under this reward): drawn in tensorboard as flat lines beside the agent's VIPER
+    return per episode (custom scalars tab), so a run shows at a glance whether it is imitating the expert"""
     density_scale: Optional[float] = None
     """weight of the VIPER (`density`) critic in the actor's advantage (default: 1 with --reward viper;
     must be 0 with --reward task)"""
@@ -1568,6 +1572,8 @@ def validate(args):
         raise ValueError("--reward viper needs --reward-model PATH (videogpt.pt written by train_videogpt.py)")
     if args.reward == "task" and args.reward_model:
         raise ValueError("--reward-model is only used with --reward viper")
+    if args.reward == "task" and args.reference_returns:
+        raise ValueError("--reference-returns is only used with --reward viper")
     flags = dict(density="--density-scale", disag="--expl-scale", task="--task-reward-scale")
     for k, v in reward_scales(args).items():
         if not (math.isfinite(v) and v >= 0):
@@ -1591,15 +1597,48 @@ def load_reward_model(args, device, frame_size):
     return rm
 
 
+def load_references(args):
+    """{behaviour: mean VIPER return} from --reference-returns (eval.py reference's reference.json), checked
+    to be scored for this run's task and reward mode; {} without the flag."""
+    if not args.reference_returns:
+        return {}
+    import json
+
+    if not os.path.isfile(args.reference_returns):
+        raise FileNotFoundError(f"--reference-returns {args.reference_returns!r} does not exist "
+                                f"(write it with: python eval.py reference --reward-model ... --env-id {args.env_id})")
+    with open(args.reference_returns) as f:
+        ref = json.load(f)
+    if (ref.get("env_id"), ref.get("mode")) != (args.env_id, args.reward_mode):
+        raise ValueError(f"--reference-returns {args.reference_returns!r} was scored for {ref.get('env_id')!r} "
+                         f"({ref.get('mode')}), this run is {args.env_id!r} ({args.reward_mode})")
+    return {k.replace(" ", "_").replace(",", ""): v["viper_return_mean"] for k, v in ref["behaviours"].items()}
+
+
+def start_csv(path, header, step):
+    """Create a csv with its header, or (on --resume) keep only the rows up to the checkpoint's step, so
+    that rows of a stretch that was run past the last checkpoint and is now repeated are not doubled."""
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [r for r in f.read().splitlines()[1:] if r and int(r.split(",")[0]) <= step]
+    with open(path, "w") as f:
+        f.write("\n".join([header, *rows]) + "\n")
+
+
 def main(args: Args):
     validate(args)
     from torch.utils.tensorboard import SummaryWriter
 
     name = "viper" if args.reward == "viper" else "dreamer"
     out = args.output_dir or os.path.join("runs", f"{args.env_id}__{name}__{args.seed}__{int(time.time())}")
-    ckpt_path, replay_path, csv_path = (os.path.join(out, f) for f in ("agent.pt", "replay.npz", "eval.csv"))
+    ckpt_path, replay_path, csv_path, episodes_path = (
+        os.path.join(out, f) for f in ("agent.pt", "replay.npz", "eval.csv", "episodes.csv"))
     if args.resume and not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not args.resume and os.path.isfile(ckpt_path):
+        raise FileExistsError(f"--output-dir {out!r} already holds a run (agent.pt): add --resume to continue it, "
+                              f"or choose another --output-dir (a new run here would overwrite it)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # VIPER: the frozen video model (checked before anything is written; make_env gives 64px frames)
     reward_model = load_reward_model(args, device, 64) if args.reward == "viper" else None
@@ -1640,12 +1679,16 @@ def main(args: Args):
         else:
             tqdm.write(f"warning: {replay_path} not found; resuming with an empty replay")
         tqdm.write(f"resumed {out} at step {counters['step']} ({counters['updates']} updates, replay {len(replay)})")
+    references = load_references(args)
     writer = SummaryWriter(out)
     if not args.resume:
         writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
-    if not os.path.isfile(csv_path):
-        with open(csv_path, "w") as f:
-            f.write("step,return\n")
+    if references:  # one chart: the agent's VIPER return per episode and the reference behaviours' as lines
+        writer.add_custom_scalars({"VIPER return per episode": {"agent vs reference behaviour": [
+            "Multiline", ["charts/episodic_viper_return", "reference/.*"]]}})
+    # one row per evaluation / training episode; on --resume, rows written after the checkpoint are dropped
+    start_csv(csv_path, "step,return", counters["step"])
+    start_csv(episodes_path, "step,return,viper_return,length", counters["step"])
 
     def new_episode():
         seed = int(np.random.SeedSequence([args.seed, counters["episodes"]]).generate_state(1)[0] % 2 ** 31)
@@ -1681,8 +1724,12 @@ def main(args: Args):
         s_ = counters["step"]
         writer.add_scalar("charts/episodic_return", ep_ret, s_)  # the true task return, whatever --reward is
         writer.add_scalar("charts/episodic_length", ep_len, s_)
+        with open(episodes_path, "a") as f:
+            f.write(f"{s_},{ep_ret:.2f},{ep_viper if reward_model is not None else float('nan'):.2f},{ep_len}\n")
         if reward_model is not None:
             writer.add_scalar("charts/episodic_viper_return", ep_viper, s_)
+            for name, value in references.items():
+                writer.add_scalar(f"reference/{name}", value, s_)
             counters["episode_returns"] = (counters["episode_returns"] + [(ep_viper, ep_ret)])[-CORR_EPISODES:]
             corr = pearson(*zip(*counters["episode_returns"]))
             if math.isfinite(corr):

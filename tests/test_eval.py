@@ -148,3 +148,81 @@ def test_eval_curves_bad_inputs(tmp_path):
         ev.eval_curves(ev.CurvesArgs(runs=[f"x={tmp_path / 'bad.csv'}"]))
     with pytest.raises(SystemExit, match="--reference 'y' is not one of"):
         ev.eval_curves(ev.CurvesArgs(runs=[f"x={tmp_path / 'o.csv'}"], reference="y"))
+
+
+# --- reference behaviour, heatmaps and the per-episode plot ---------------------------------------
+def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
+    import train_viper_dreamer as td
+    from test_viper import TASK, frames, make_videogpt, viper_args
+
+    model = make_videogpt(tmp_path / "videogpt.pt")
+    expert = frames(9, 0)
+    _write_episode(tmp_path / "experts" / TASK / "test" / "000020.npz", expert, np.ones(9, np.float32))
+    _write_episode(tmp_path / "deg" / TASK / "train" / "eps0.5_001000.npz", frames(7, 1), np.zeros(7, np.float32))
+    out = tmp_path / "ref"
+    with pytest.MonkeyPatch.context() as mp:  # 12-step episodes keep the rollouts short
+        import collect_expert_videos as cev
+
+        real = cev.make_env
+        mp.setattr(cev, "make_env", lambda env_id, seed=0: gym_time_limit(real(env_id, seed), 12))
+        summary = ev.eval_reference(ev.ReferenceArgs(
+            reward_model=model, env_id=TASK, data_dir=str(tmp_path / "experts"), degraded_dir=str(tmp_path / "deg"),
+            episodes=2, output_dir=str(out)))
+    table = summary["behaviours"]
+    assert list(table) == ["expert (test split)", "expert, epsilon 0.5", "random actions", "zero actions",
+                           "constant +1", "constant -1"]
+    assert table["expert (test split)"]["true_return_mean"] == 9.0 and table["zero actions"]["episodes"] == 2
+    # the expert's VIPER return is what the agent's insert-time labeler sums over the steps after the reset
+    rm = td.load_videogpt(torch.load(model, weights_only=False), "cpu")
+    labeler = td.StepRewards(viper_args(tmp_path, model), rm)
+    labeler.reset(expert[0])
+    expected = sum(labeler(f, 0.0)["density"] for f in expert[1:])
+    assert table["expert (test split)"]["viper_return_mean"] == pytest.approx(expected, rel=1e-5)
+    assert (out / "reference.csv").read_text().splitlines()[0].startswith("behaviour,episodes,viper_return_mean")
+    # the agent reads it back for its tensorboard lines, only for the task and mode it was scored for
+    refs = td.load_references(viper_args(tmp_path, model, reference_returns=str(out / "reference.json")))
+    assert refs["zero_actions"] == table["zero actions"]["viper_return_mean"] and len(refs) == 6
+    with pytest.raises(ValueError, match="scored for"):
+        td.load_references(viper_args(tmp_path, model, reference_returns=str(out / "reference.json"),
+                                      reward_mode="joint"))
+    with pytest.raises(SystemExit, match="no expert episodes"):
+        ev.eval_reference(ev.ReferenceArgs(reward_model=model, env_id=TASK, data_dir=str(tmp_path / "none"),
+                                           degraded_dir=None, output_dir=str(out)))
+
+
+def gym_time_limit(env, steps):
+    import gymnasium as gym
+
+    return gym.wrappers.TimeLimit(env, steps)
+
+
+def test_heatmap_tokens_sum_to_the_conditional_reward(tmp_path):
+    from test_viper import TASK, frames, make_videogpt
+
+    model = make_videogpt(tmp_path / "videogpt.pt", seq_len=3, frame_skip=2)
+    rm = ev.load_reward_model(model, cuda=False)
+    video = frames(10, 3)
+    steps = [0, 3, 9]  # a lone first frame, a prefix window, a full window
+    maps = ev.token_log_probs(rm, video, TASK, steps)
+    assert maps.shape == (3, *rm.model.token_hw) and (maps <= 0).all()
+    rewards = rm.compute_rewards(torch.from_numpy(video)[None], TASK, "conditional")[0]
+    np.testing.assert_allclose(maps.sum((1, 2)), rewards[steps].numpy(), rtol=1e-5, atol=1e-4)
+    _write_episode(tmp_path / "e" / TASK / "test" / "000001.npz", video, np.zeros(10, np.float32))
+    _write_episode(tmp_path / "r" / TASK / "train" / "002000.npz", frames(10, 4), np.zeros(10, np.float32))
+    out = tmp_path / "heat.png"
+    ev.eval_heatmap(ev.HeatmapArgs(reward_model=model, env_id=TASK, data_dir=str(tmp_path / "e"),
+                                   random_dir=str(tmp_path / "r"), frames=3, output=str(out)))
+    assert out.stat().st_size > 0
+
+
+def test_episodes_plot_reads_episodes_csv(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "episodes.csv").write_text("step,return,viper_return,length\n500,300.5,-40000.0,500\n1000,420.0,-900.5,500\n")
+    ep = ev.read_episodes(str(run))
+    assert ep["step"].tolist() == [500, 1000] and ep["viper_return"].tolist() == [-40000.0, -900.5]
+    ref = tmp_path / "reference.json"
+    ref.write_text('{"behaviours": {"zero actions": {"viper_return_mean": -30000.0, "true_return_mean": 200.0}}}')
+    out = tmp_path / "ep.png"
+    ev.eval_episodes(ev.EpisodesArgs(run=str(run), reference=str(ref), smooth=2, output=str(out)))
+    assert out.stat().st_size > 0

@@ -268,6 +268,11 @@ def test_smoke_run_writes_checkpoint_eval_and_logs(runs):
     starts = np.flatnonzero(first)
     for (_, logged), s in zip(viper_returns, starts):
         assert logged == pytest.approx(density[s + 1:s + EPISODE + 1].sum(), rel=1e-5)
+    with open(out / "episodes.csv") as f:  # the same episodes, as a file the plots and results are made from
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200] and {r["length"] for r in rows} == {str(EPISODE)}
+    for r, (_, logged) in zip(rows, viper_returns):
+        assert float(r["viper_return"]) == pytest.approx(logged, abs=0.01)
 
 
 def test_each_replayed_step_is_scored_once(runs, videogpt_path):
@@ -303,7 +308,16 @@ def test_resume_viper_run(runs, videogpt_path, tmp_path):
     src, *_ = runs["clean"]
     out = tmp_path / "resumed"
     shutil.copytree(src, out)
+    with pytest.raises(FileExistsError, match="--resume"):  # reusing a run's folder without --resume
+        td.main(viper_args(out, videogpt_path))
+    for name in ("eval.csv", "episodes.csv"):  # rows of a stretch run past the checkpoint (killed before saving)
+        with open(out / name, "a") as f:
+            f.write("230,1.0,2.0,3\n" if name == "episodes.csv" else "230,1.0\n")
     agent, counters, calls = run(out, videogpt_path, resume=True, total_steps=232, eval_every=1000)
+    for name in ("eval.csv", "episodes.csv"):  # are dropped, not doubled, when that stretch is run again
+        with open(out / name) as f:
+            assert [int(r[0]) for r in list(csv.reader(f))[1:]] == ([200, 232] if name == "eval.csv" else
+                                                                   [50, 100, 150, 200])
     saved = torch.load(src / "agent.pt", weights_only=False)
     assert counters["step"] == 232 and counters["updates"] == saved["counters"]["updates"] + 4
     assert len(counters["episode_returns"]) == 4  # the correlation's history survives a resume
