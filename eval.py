@@ -355,6 +355,16 @@ def eval_agent(args: AgentArgs):
         json.dump(summary, f, indent=1)
     if gif:
         save_gif(os.path.join(args.output_dir, "episodes.gif"), np.concatenate(gif), fps=20)
+    run_json = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
+    if os.path.isfile(run_json) and not args.sample:  # the run's final result, for the results tables
+        with open(run_json) as f:
+            info = json.load(f)
+        info.update(final_return_mean=round(summary["mean_return"], 2), final_return_std=round(summary["std_return"], 2),
+                    final_episodes=len(returns), final_seeds=[args.seed, args.seed + len(returns) - 1],
+                    final_eval_command=" ".join(["python", "eval.py", *sys.argv[1:]]))
+        with open(run_json + ".tmp", "w") as f:
+            json.dump(info, f, indent=1)
+        os.replace(run_json + ".tmp", run_json)
     print(f"{env_id}: true return {summary['mean_return']:.1f} +- {summary['std_return']:.1f} "
           f"over {len(returns)} episodes -> {args.output_dir}")
     return summary

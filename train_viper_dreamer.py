@@ -78,10 +78,9 @@ The paper trains DMC from pixels with train ratio 512 (one update every 2 env st
 100k env steps, far beyond 2 CPU cores. Here learning is limited by the number of updates and an update
 costs time in proportion to its batch, so the CPU recipe cuts the batch to 4 x 32 for 4x the updates
 of batch 16 (one update every 2 env steps, the paper's update rate).
-For dmc_cartpole_balance (~49k updates, 2 h 16 min on one core; measured: eval 817 at 80k steps, 960 at
-90k, 944 at 100k -- batch 8 got 510, batch 16 528 --; the scripted expert gets 1000):
-    python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-size 4 --batch-length 32 \
-        --train-ratio 64
+The defaults are this recipe (`--size cpu --batch-size 4 --batch-length 32 --train-ratio 64`); the oracle
+solves dmc_cartpole_balance with it in ~49k updates, ~2 h 16 min on one core (README, Results):
+    python train_viper_dreamer.py --env-id dmc_cartpole_balance
 
 Deliberate deviations from the paper/code (v1):
   * `cpu` size preset: smaller nets and 16x16 latents, and a faster optimiser for its ~10x fewer updates:
@@ -121,21 +120,26 @@ the interrupted episode restarts). The reward model is not copied: --resume need
 Replay memory: uint8 frames, 64*64*3 + 4*(action dims + 2) + 2 bytes ~= 12.3 KB per env step, allocated
 lazily: 100k steps = 1.2 GB, the 1M-step default capacity = 12.3 GB at most.
 
-    python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-length 32 --train-ratio 64 \
-        --reward viper --reward-model runs/videogpt/videogpt.pt          # VIPER (density + disagreement)
+    python train_viper_dreamer.py --env-id dmc_cartpole_balance --reward viper \
+        --reward-model runs/videogpt/videogpt.pt                          # VIPER (density + disagreement)
     python train_viper_dreamer.py ... --reward viper --reward-model runs/videogpt/videogpt.pt --expl-scale 0
-    python train_viper_dreamer.py --env-id dmc_cartpole_balance --size cpu --batch-size 4 --batch-length 32 --train-ratio 64
-    python train_viper_dreamer.py --env-id dmc_walker_walk --size S --train-ratio 512   # paper DMC setting
-    python train_viper_dreamer.py --env-id atari_pong --size S --train-ratio 64
+    python train_viper_dreamer.py --env-id dmc_cartpole_balance           # the task oracle
+    python train_viper_dreamer.py --env-id dmc_walker_walk --size S --batch-size 16 --batch-length 64 \
+        --train-ratio 512                                                 # paper DMC setting
+    python train_viper_dreamer.py --env-id atari_pong --size S --batch-size 16 --batch-length 64
     python train_viper_dreamer.py --output-dir runs/x --resume         # continue runs/x (same flags)
 """
 
 import copy
 import csv
 import ctypes
+import json
 import math
 import os
 import random
+import shlex
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -179,9 +183,10 @@ class Args:
     """model size preset (paper sizes XS..XL, or `cpu`: small enough for 2 CPU cores)"""
     total_steps: int = 100_000
     """env steps (agent decisions; DMC repeats each action for 2 simulator steps, Atari for 4 frames)"""
-    train_ratio: float = 32.0
+    train_ratio: float = 64.0
     """replayed steps per env step (one update of batch_size * batch_length steps every that / ratio env
-    steps); paper: 512 for DMC from pixels, 32 in its default config"""
+    steps); the CPU recipe's 64 at batch 4 x 32 is one update every 2 env steps, the paper's update rate
+    (paper: 512 at batch 16 x 64 for DMC from pixels)"""
     prefill: int = 2500
     """env steps with uniform random actions before learning starts"""
     model_lr: Optional[float] = None
@@ -196,10 +201,10 @@ class Args:
     """continuous actions: the backprop actor loss -(R_lambda - v(s_t)) also differentiates the baseline
     v(s_t) through the imagined states, as DreamerV3's v1 code does; --no-baseline-grad stops it, so the
     actor climbs the lambda-return alone (DreamerV2's dynamics-backprop objective)"""
-    batch_size: int = 16
-    """replayed chunks per update"""
-    batch_length: int = 64
-    """steps per replayed chunk"""
+    batch_size: int = 4
+    """replayed chunks per update (the CPU recipe; paper: 16)"""
+    batch_length: int = 32
+    """steps per replayed chunk (the CPU recipe; paper: 64)"""
     replay_capacity: int = 1_000_000
     """replay size in env steps (oldest steps are overwritten); ~12.3 KB each, allocated as filled"""
     eval_every: int = 10_000
@@ -1530,6 +1535,32 @@ def save_checkpoint(path, agent, counters, args, act_dim, discrete):
     os.replace(tmp, path)
 
 
+def write_run_json(path, args, counters):
+    """run.json: what a results table needs (see README, Results). The command and commit are those that
+    started the run; a --resume adds its own to `resumed_with`. eval.py agent adds the final_return_* keys."""
+    info = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            info = json.load(f)
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    command = shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    if "command" not in info:
+        info.update(command=command, commit=commit)
+    elif args.resume and (command, commit) not in [tuple(x) for x in info.get("resumed_with", [])]:
+        info["resumed_with"] = info.get("resumed_with", []) + [[command, commit]]
+    info.update(env_id=args.env_id, reward=args.reward, seed=args.seed, env_steps=counters["step"],
+                updates=counters["updates"], wall_time_s=round(counters["wall_time_s"], 1))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, path)
+
+
 def keep_freed_memory():
     """glibc returns every freed block over 32 MB to the OS, so each update re-faults its large
     activations page by page (~30% of CPU time at batch 16 x 64). Keep freed memory in the heap instead."""
@@ -1602,8 +1633,6 @@ def load_references(args):
     to be scored for this run's task and reward mode; {} without the flag."""
     if not args.reference_returns:
         return {}
-    import json
-
     if not os.path.isfile(args.reference_returns):
         raise FileNotFoundError(f"--reference-returns {args.reference_returns!r} does not exist "
                                 f"(write it with: python eval.py reference --reward-model ... --env-id {args.env_id})")
@@ -1656,7 +1685,8 @@ def main(args: Args):
     replay = Replay(args.replay_capacity, env.observation_space.shape, act_dim, labeler.fields)
     keep_freed_memory()  # after the replay's lazy allocation
     # episode_returns: (VIPER return, task return) of the last CORR_EPISODES episodes, for their correlation
-    counters = dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[])
+    # wall_time_s: seconds of this run up to its last checkpoint, summed over resumes (run.json)
+    counters = dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[], wall_time_s=0.0)
     if args.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         saved = Args(**ckpt["args"])
@@ -1669,7 +1699,7 @@ def main(args: Args):
                              f"{reward_scales(args)} (--density-scale, --expl-scale, --task-reward-scale)")
         agent.load_state_dict(ckpt["agent"])
         agent.load_optim_state(ckpt["optim"])
-        counters = {"episode_returns": [], **ckpt["counters"]}
+        counters = {"episode_returns": [], "wall_time_s": 0.0, **ckpt["counters"]}
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
@@ -1714,7 +1744,10 @@ def main(args: Args):
         return float(np.mean(rets))
 
     def checkpoint():
+        counters["wall_time_s"] += time.time() - t_wall[0]
+        t_wall[0] = time.time()
         save_checkpoint(ckpt_path, agent, counters, args, act_dim, discrete)
+        write_run_json(os.path.join(out, "run.json"), args, counters)
         if args.save_replay:
             replay.save(replay_path)
 
@@ -1739,7 +1772,7 @@ def main(args: Args):
     obs, carry, ep_ret, ep_viper, ep_len = new_episode(), None, 0.0, 0.0, 0
     updates_per_step = args.train_ratio / (args.batch_size * args.batch_length)
     last_eval, t_log, step_log, upd_log, metrics = None, time.time(), counters["step"], counters["updates"], {}
-    t_start, reward_s_log = time.time(), labeler.seconds
+    t_start, reward_s_log, t_wall = time.time(), labeler.seconds, [time.time()]
     bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"{name} {args.env_id}", smoothing=0.05)
     while counters["step"] < args.total_steps:
         if counters["step"] < args.prefill:

@@ -1,4 +1,5 @@
 """eval.py: metrics against hand-computed examples, and clear errors for bad checkpoints."""
+import json
 import os
 
 import numpy as np
@@ -91,8 +92,12 @@ def test_eval_agent_writes_json_and_gif(tmp_path):
     path = str(tmp_path / "agent.pt")
     td.save_checkpoint(path, agent, dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[]), args, 1,
                        False)
+    (tmp_path / "run.json").write_text('{"env_id": "dmc_cartpole_balance", "seed": 0}')
     out = tmp_path / "eval"
     summary = ev.eval_agent(ev.AgentArgs(checkpoint=path, num_episodes=1, output_dir=str(out)))
+    info = json.loads((tmp_path / "run.json").read_text())  # the run's final result lands in its run.json
+    assert info["seed"] == 0 and info["final_episodes"] == 1
+    assert info["final_return_mean"] == round(summary["mean_return"], 2) and info["final_return_std"] == 0.0
     assert summary["env_id"] == "dmc_cartpole_balance" and len(summary["returns"]) == 1
     assert 0.0 <= summary["mean_return"] <= 1000.0
     assert (out / "summary.json").exists() and (out / "episodes.gif").stat().st_size > 1000

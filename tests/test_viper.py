@@ -1,6 +1,7 @@
 """train_viper_dreamer.py with --reward viper: insert-time rewards, density head, Plan2Explore, the
 env reward kept away from learning, and short end-to-end runs with a tiny random-weight video model."""
 import csv
+import json
 import os
 import shutil
 
@@ -268,6 +269,9 @@ def test_smoke_run_writes_checkpoint_eval_and_logs(runs):
     starts = np.flatnonzero(first)
     for (_, logged), s in zip(viper_returns, starts):
         assert logged == pytest.approx(density[s + 1:s + EPISODE + 1].sum(), rel=1e-5)
+    info = json.loads((out / "run.json").read_text())  # what a results table needs
+    assert info["env_id"] == TASK and info["reward"] == "viper" and info["env_steps"] == 200 and info["seed"] == 0
+    assert info["wall_time_s"] > 0 and info["command"].startswith("python ") and info["commit"]
     with open(out / "episodes.csv") as f:  # the same episodes, as a file the plots and results are made from
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [50, 100, 150, 200] and {r["length"] for r in rows} == {str(EPISODE)}
@@ -314,6 +318,8 @@ def test_resume_viper_run(runs, videogpt_path, tmp_path):
         with open(out / name, "a") as f:
             f.write("230,1.0,2.0,3\n" if name == "episodes.csv" else "230,1.0\n")
     agent, counters, calls = run(out, videogpt_path, resume=True, total_steps=232, eval_every=1000)
+    info = json.loads((out / "run.json").read_text())
+    assert info["env_steps"] == 232 and info["wall_time_s"] > json.loads((src / "run.json").read_text())["wall_time_s"]
     for name in ("eval.csv", "episodes.csv"):  # are dropped, not doubled, when that stretch is run again
         with open(out / name) as f:
             assert [int(r[0]) for r in list(csv.reader(f))[1:]] == ([200, 232] if name == "eval.csv" else
