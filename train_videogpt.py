@@ -25,8 +25,11 @@ videos finds the agent's own frames. This script trains that video model.
    `joint` (official code's default): r_t = log p(window). A frame's log-probability is the sum over its
    h*w tokens. At an episode's start the available prefix (same skip) is used, so no step is dropped.
 
-Output: `<output-dir>/videogpt.pt`, self-contained (EMA transformer, args, class map, and the whole
-VQ-GAN checkpoint), so later stages need this one path; `videogpt_resume.pt` holds the training state.
+Output: `<output-dir>/videogpt.pt`, self-contained (EMA transformer, args, class map, training tasks, and
+the whole VQ-GAN checkpoint with a hash of its weights), so later stages need this one path;
+`videogpt_resume.pt` holds the training state. An output dir that holds one is only reused with `--resume`,
+which refuses another architecture or tokenizer; Ctrl-C saves both files and exits; a non-finite (NaN/inf)
+loss stops the run before it reaches the weights or a checkpoint.
 At the end the script prints held-out NLL per token next to the unigram entropy of the codes, and, per
 task, the mean conditional reward of held-out expert episodes and (with `--random-data-dir`) of random
 episodes, with the per-window AUROC expert vs random.
@@ -545,14 +548,20 @@ def read_video(path, image_size):
     return video
 
 
+def weights_hash(state_dict):
+    """sha1 of a model's weights: tells which tokenizer made a set of codes (token cache, --resume check)."""
+    h = hashlib.sha1()
+    for v in state_dict.values():
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def tokenize(paths, vqgan, image_size, codebook_size, device, cache_path, desc):
     """codes (uint8, or int16 for codebooks > 256) [T, h, w] per file, from cache_path if it matches."""
-    h = hashlib.sha1()
-    for p in paths:  # key: the file list (path, size, mtime) and the VQ-GAN weights
+    h = hashlib.sha1(weights_hash(vqgan.state_dict()).encode())  # key: the VQ-GAN weights and the file list
+    for p in paths:  # (path, size, mtime)
         st = os.stat(p)
         h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns};".encode())
-    for v in vqgan.state_dict().values():
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
     key = h.hexdigest()
     if os.path.exists(cache_path):
         cache = torch.load(cache_path, map_location="cpu")
@@ -597,11 +606,21 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def make_checkpoint(args, ema_model, class_map, token_hw, vqgan_ckpt, step):
-    """The self-contained videogpt.pt dict."""
+def make_checkpoint(args, ema_model, class_map, token_hw, vqgan_ckpt, step, tasks=None, vqgan_hash=None):
+    """The self-contained videogpt.pt dict. tasks: the sorted task folders it was trained on (also for an
+    unconditional model); vqgan_hash: weights_hash of the tokenizer. Readers treat both as optional (older files)."""
     return {"kind": "videogpt", "args": asdict(args), "model": ema_model.state_dict(), "class_map": class_map,
             "seq_len": args.seq_len, "frame_skip": args.frame_skip, "token_hw": tuple(token_hw),
-            "vqgan": vqgan_ckpt, "step": step}
+            "vqgan": vqgan_ckpt, "step": step, "tasks": tasks, "vqgan_hash": vqgan_hash}
+
+
+def check_finite(step, **values):
+    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
+    every weight into NaN, and the next save would write them over the last good checkpoint."""
+    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
+    if bad:
+        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
+                                 f"last checkpoint is kept); try a lower --learning-rate")
 
 
 def unigram_entropy(codes_list, vocab_size):
@@ -663,6 +682,14 @@ def main(args: Args):
     is_main = rank == 0
     if args.resume and not args.output_dir:
         raise ValueError("--resume needs the --output-dir of the run to continue")
+    # counts and sizes must be positive (0 gives a ZeroDivisionError, a NaN loss or no checkpoint at all)
+    bad = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("seq_len", "frame_skip", "width", "num_layers",
+           "num_heads", "mlp_dim", "total_steps", "batch_size", "eval_every", "eval_clips", "sample_every")
+           if getattr(args, k) < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be >= 1")
+    if args.width % args.num_heads:
+        raise ValueError(f"--width {args.width} is not divisible by --num-heads {args.num_heads}")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world} torchrun processes")
 
@@ -673,6 +700,12 @@ def main(args: Args):
     if ddp:
         dist.broadcast_object_list(out_dir)  # every rank uses rank 0's name
     out_dir = out_dir[0]
+    resume_path = os.path.join(out_dir, "videogpt_resume.pt")
+    if args.resume and not os.path.exists(resume_path):
+        raise FileNotFoundError(f"--resume: {resume_path} does not exist")
+    if not args.resume and os.path.exists(resume_path):  # checked before anything is written
+        raise FileExistsError(f"--output-dir {out_dir!r} already holds a run (videogpt_resume.pt): add --resume to "
+                              f"continue it, or choose another --output-dir (a new run here would overwrite it)")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(args.seed + rank)
 
@@ -683,11 +716,34 @@ def main(args: Args):
     if not isinstance(vqgan_ckpt, dict) or vqgan_ckpt.get("kind") != "vqgan":
         raise ValueError(f"--vqgan {args.vqgan!r} is not a vqgan.pt checkpoint (kind='vqgan')")
     vqgan_ckpt = {k: v for k, v in vqgan_ckpt.items() if k in VQGAN_KEYS}
+    nonfinite = [k for k, v in vqgan_ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise ValueError(f"--vqgan {args.vqgan!r} has non-finite (NaN/inf) weights ({', '.join(nonfinite[:3])}, ...): "
+                         f"its training diverged; retrain it (train_vqgan.py with a lower --lr)")
+    vqgan_hash = weights_hash(vqgan_ckpt["model"])  # the codes' meaning: recorded, and checked on --resume
     vqgan = load_vqgan(vqgan_ckpt, device)
     image_size, token_hw, vocab = vqgan_ckpt["image_size"], tuple(vqgan_ckpt["token_hw"]), vqgan_ckpt["codebook_size"]
     tasks = list_tasks(args.data_dir, args.tasks)
     class_map = {t: i for i, t in enumerate(tasks)} if args.class_cond else None
     files = {s: [(t, p) for t in tasks for p in list_episodes(args.data_dir, t, [s])] for s in ("train", "test")}
+    state = None
+    if args.resume:  # read and checked before tokenising; loaded into the model below
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        saved = state.get("args")  # resume states written before these checks hold no args, tasks or hash
+        if saved is not None:  # another architecture would fail with a bare tensor size mismatch: name the flags
+            changed = [f"--{k.replace('_', '-')} {saved[k]} there, {getattr(args, k)} here" for k in
+                       ("seq_len", "width", "num_layers", "num_heads", "mlp_dim", "class_cond")
+                       if saved[k] != getattr(args, k)]
+            if changed:
+                raise ValueError(f"--resume: {resume_path} has another architecture ({'; '.join(changed)}): resume "
+                                 f"with its flags, or choose another --output-dir for a new run")
+        if args.class_cond and state.get("tasks", tasks) != tasks:
+            raise ValueError(f"--resume: {resume_path} was trained on tasks {state['tasks']}, this command has {tasks} "
+                             f"(--tasks / --data-dir): its class labels would change meaning")
+        if state.get("vqgan_hash", vqgan_hash) != vqgan_hash:  # same shapes, other weights: codes mean other things
+            raise ValueError(f"--resume: {resume_path} was trained on the codes of tokenizer {saved['vqgan']!r}, "
+                             f"whose weights differ from those of --vqgan {args.vqgan!r} now: resume with the "
+                             f"vqgan.pt it was trained with, or choose another --output-dir")
     if not files["train"]:
         raise FileNotFoundError(f"no {VIDEO_EXTS} files in {args.data_dir}/<task>/train/ for tasks {tasks}")
     cache_path = os.path.join(out_dir, "tokens.pt")
@@ -717,12 +773,8 @@ def main(args: Args):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.learning_rate, betas=(0.9, 0.95), fused=use_cuda)
-    resume_path = os.path.join(out_dir, "videogpt_resume.pt")
     step = 0
     if args.resume:
-        if not os.path.exists(resume_path):
-            raise FileNotFoundError(f"--resume: {resume_path} does not exist")
-        state = torch.load(resume_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -749,54 +801,66 @@ def main(args: Args):
         return args.learning_rate * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def save():
-        ckpt = make_checkpoint(args, ema, class_map, token_hw, vqgan_ckpt, step)
+        ckpt = make_checkpoint(args, ema, class_map, token_hw, vqgan_ckpt, step, tasks, vqgan_hash)
         atomic_save(ckpt, os.path.join(out_dir, "videogpt.pt"))
         atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": step}, resume_path)
+                     "step": step, "args": asdict(args), "tasks": tasks, "vqgan_hash": vqgan_hash}, resume_path)
 
     reward_model = RewardModel(ema, vqgan, args.seq_len, args.frame_skip, class_map)
     eval_nll = float("nan")
     bar = tqdm(total=args.total_steps, initial=step, desc="videogpt", disable=not is_main)
     t0, tokens_seen, nll_sum, nll_n = time.time(), 0, 0.0, 0
-    while step < args.total_steps:
-        model.train()
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step)
-        rng = np.random.default_rng((args.seed, rank, step))  # clips depend on (seed, rank, step): resume replays them
-        clip, labels = train_sampler.sample(args.batch_size // world, rng)
-        clip, labels = clip.to(device), (labels.to(device) if args.class_cond else None)
-        with autocast():
-            logits = train_model(clip, labels)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), clip.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        with torch.no_grad():  # EMA, with a short warm-up so early checkpoints are not dominated by the init
-            d = min(args.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - d)
-        step += 1
-        bar.update(1)
-        tokens_seen += clip.numel() * world
-        nll_sum, nll_n = nll_sum + loss.item(), nll_n + 1
-        if is_main and (step % 20 == 0 or step == args.total_steps):
-            writer.add_scalar("train/nll_per_token", nll_sum / nll_n, step)
-            writer.add_scalar("train/lr", lr_at(step - 1), step)
-            writer.add_scalar("train/grad_norm", float(grad_norm), step)
-            writer.add_scalar("train/tokens_per_s", tokens_seen / (time.time() - t0), step)
-            bar.set_postfix(nll=f"{nll_sum / nll_n:.3f}", heldout=f"{eval_nll:.3f}", unigram=f"{entropy:.3f}")
-            nll_sum, nll_n = 0.0, 0
-        if is_main and (step % args.eval_every == 0 or step == args.total_steps):
-            if eval_codes is not None:
-                eval_nll = heldout_nll(ema, eval_codes, eval_labels, args.batch_size, device, autocast)
-                writer.add_scalar("eval/nll_per_token", eval_nll, step)
+    try:
+        while step < args.total_steps:
+            model.train()
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step)
+            # clips depend on (seed, rank, step): resume replays them
+            rng = np.random.default_rng((args.seed, rank, step))
+            clip, labels = train_sampler.sample(args.batch_size // world, rng)
+            clip, labels = clip.to(device), (labels.to(device) if args.class_cond else None)
+            with autocast():
+                logits = train_model(clip, labels)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), clip.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            check_finite(step + 1, loss=loss, grad_norm=grad_norm)
+            optimizer.step()
+            with torch.no_grad():  # EMA, with a short warm-up so early checkpoints are not dominated by the init
+                d = min(args.ema_decay, (1 + step) / (10 + step))
+                for pe, p in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(p, 1 - d)
+            step += 1
+            bar.update(1)
+            tokens_seen += clip.numel() * world
+            nll_sum, nll_n = nll_sum + loss.item(), nll_n + 1
+            if is_main and (step % 20 == 0 or step == args.total_steps):
+                writer.add_scalar("train/nll_per_token", nll_sum / nll_n, step)
+                writer.add_scalar("train/lr", lr_at(step - 1), step)
+                writer.add_scalar("train/grad_norm", float(grad_norm), step)
+                writer.add_scalar("train/tokens_per_s", tokens_seen / (time.time() - t0), step)
+                bar.set_postfix(nll=f"{nll_sum / nll_n:.3f}", heldout=f"{eval_nll:.3f}", unigram=f"{entropy:.3f}")
+                nll_sum, nll_n = 0.0, 0
+            if is_main and (step % args.eval_every == 0 or step == args.total_steps):
+                if eval_codes is not None:
+                    eval_nll = heldout_nll(ema, eval_codes, eval_labels, args.batch_size, device, autocast)
+                    writer.add_scalar("eval/nll_per_token", eval_nll, step)
+                save()
+            if is_main and (step % args.sample_every == 0 or step == args.total_steps):
+                src, src_labels = (eval_codes, eval_labels) if eval_codes is not None else train_sampler.sample(4, rng)
+                gen = torch.Generator(device).manual_seed(step)
+                grid = sample_grid(reward_model, src[:4], src_labels[:4], gen)
+                writer.add_image("samples/real_over_sampled", grid, step, dataformats="HWC")
+    except KeyboardInterrupt:  # Ctrl-C: save where we are and say how to continue (an interrupt inside the
+        # optimiser/EMA update may leave part of it in the weights; --resume repeats that step, so not bit-exact)
+        bar.close()
+        if is_main:
             save()
-        if is_main and (step % args.sample_every == 0 or step == args.total_steps):
-            src, src_labels = (eval_codes, eval_labels) if eval_codes is not None else train_sampler.sample(4, rng)
-            gen = torch.Generator(device).manual_seed(step)
-            grid = sample_grid(reward_model, src[:4], src_labels[:4], gen)
-            writer.add_image("samples/real_over_sampled", grid, step, dataformats="HWC")
+            writer.close()
+            print(f"\ninterrupted at step {step}: saved {resume_path}; continue with the same command plus "
+                  f"--resume --output-dir {out_dir}")
+        raise SystemExit(130)  # 128 + SIGINT, as if Ctrl-C had ended the process: a calling script stops
     bar.close()
 
     if is_main:

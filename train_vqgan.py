@@ -42,7 +42,9 @@ measured on it, and a grid of originals (top) and reconstructions (bottom) is wr
 `<output-dir>/reconstructions.png`.
 
 Output: `<output-dir>/vqgan.pt`, a plain dict read by `load_vqgan` (copied into the later
-stages), and `<output-dir>/checkpoint.pt` with the optimiser and RNG state for `--resume`.
+stages), and `<output-dir>/checkpoint.pt` with the optimiser and RNG state for `--resume`. An output
+dir that holds a checkpoint.pt is only reused with `--resume`; Ctrl-C saves both files and exits; a
+non-finite (NaN/inf) loss stops the run before it reaches the weights or a checkpoint.
 
 Examples:
     python train_vqgan.py --data-dir data                    # paper size (GPU)
@@ -418,6 +420,15 @@ def atomic_save(obj, path: str):
     os.replace(tmp, path)
 
 
+def check_finite(step: int, **values):
+    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
+    every weight into NaN, and the next save would write them over the last good checkpoint."""
+    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
+    if bad:
+        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
+                                 f"last checkpoint is kept); try a lower --lr")
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +458,12 @@ def main(args: Args) -> dict:
         raise ValueError("--batch-size, --total-steps, --warmup-steps, --eval-every, --log-every, --eval-frames "
                          "and --codebook-size must be >= 1")
     output_dir = args.output_dir or os.path.join("runs", f"vqgan__{args.seed}__{int(time.time())}")
+    ckpt_path = os.path.join(output_dir, "checkpoint.pt")
+    if args.resume and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if not args.resume and os.path.exists(ckpt_path):  # checked before anything is written
+        raise FileExistsError(f"--output-dir {output_dir!r} already holds a run (checkpoint.pt): add --resume to "
+                              f"continue it, or choose another --output-dir (a new run here would overwrite it)")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -474,11 +491,15 @@ def main(args: Args) -> dict:
     d_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     last_used = torch.zeros(args.codebook_size, dtype=torch.long, device=device)  # step a code was last picked
     start_step = 0
-    ckpt_path = os.path.join(output_dir, "checkpoint.pt")
     if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        # another architecture would fail below with a bare tensor size mismatch: name the flags instead
+        changed = [f"--{k.replace('_', '-')} {ck['args'][k]} there, {getattr(args, k)} here" for k in
+                   ("image_size", "base_channels", "channel_mult", "num_res_blocks", "codebook_size", "embed_dim",
+                    "disc_channels") if ck["args"][k] != getattr(args, k)]
+        if changed:
+            raise ValueError(f"--resume: {ckpt_path} has another architecture ({'; '.join(changed)}): resume with "
+                             f"its flags, or choose another --output-dir for a new run")
         vqgan.load_state_dict(ck["model"])
         disc.load_state_dict(ck["disc"])
         opt.load_state_dict(ck["opt"])
@@ -527,97 +548,111 @@ def main(args: Args) -> dict:
     ev = None
     bar = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
                desc="vqgan", disable=rank != 0)
-    for step in bar:
-        # each (seed, rank, step) gets its own batch: resuming replays the same data without RNG state
-        rng = np.random.default_rng((args.seed, rank, step))
-        x = train_frames[rng.integers(0, len(train_frames), args.batch_size)].to(device)
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
-        for group in opt.param_groups + d_opt.param_groups:
-            group["lr"] = lr
-        use_gan = step >= args.disc_start
+    done = start_step  # updates completed so far: the step a Ctrl-C checkpoint records
+    try:
+        for step in bar:
+            # each (seed, rank, step) gets its own batch: resuming replays the same data without RNG state
+            rng = np.random.default_rng((args.seed, rank, step))
+            x = train_frames[rng.integers(0, len(train_frames), args.batch_size)].to(device)
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+            for group in opt.param_groups + d_opt.param_groups:
+                group["lr"] = lr
+            use_gan = step >= args.disc_start
 
-        # ---- generator (autoencoder) update
-        disc.requires_grad_(False)
-        with autocast:
-            recon, z, e, codes = model(x)
-            recon = recon.float()
-            rec_loss = (recon - x).abs().mean() if args.rec_loss == "l1" else (recon - x).pow(2).mean()
-            vq_loss = F.mse_loss(e.float(), z.detach().float()) + args.beta * F.mse_loss(z.float(), e.detach().float())
-            loss = rec_loss + vq_loss
-            if perceptual is not None:
-                p_loss = perceptual(recon, x)
-                loss = loss + args.perceptual_weight * p_loss
-            if use_gan:  # non-saturating generator loss
-                g_loss = F.softplus(-disc(recon)).mean()
-                loss = loss + args.disc_weight * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(vqgan.parameters(), args.grad_clip)
-        opt.step()
-
-        # ---- discriminator update: non-saturating loss + R1 penalty on real frames
-        if use_gan:
-            disc.requires_grad_(True)
-            real = x.detach().requires_grad_(True)
+            # ---- generator (autoencoder) update
+            disc.requires_grad_(False)
             with autocast:
-                logits_real, logits_fake = disc(real).float(), disc(recon.detach()).float()
-                d_loss = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
-            (grad_real,) = torch.autograd.grad(logits_real.sum(), real, create_graph=True)
-            r1 = grad_real.pow(2).sum((1, 2, 3)).mean()
-            d_opt.zero_grad(set_to_none=True)
-            (d_loss + args.r1_gamma / 2 * r1).backward()
-            if distributed:  # the discriminator is not DDP-wrapped (R1 needs double backward): average by hand
-                for p in disc.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            nn.utils.clip_grad_norm_(disc.parameters(), args.grad_clip)
-            d_opt.step()
+                recon, z, e, codes = model(x)
+                recon = recon.float()
+                rec_loss = (recon - x).abs().mean() if args.rec_loss == "l1" else (recon - x).pow(2).mean()
+                vq_loss = (F.mse_loss(e.float(), z.detach().float())
+                           + args.beta * F.mse_loss(z.float(), e.detach().float()))
+                loss = rec_loss + vq_loss
+                if perceptual is not None:
+                    p_loss = perceptual(recon, x)
+                    loss = loss + args.perceptual_weight * p_loss
+                if use_gan:  # non-saturating generator loss
+                    g_loss = F.softplus(-disc(recon)).mean()
+                    loss = loss + args.disc_weight * g_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(vqgan.parameters(), args.grad_clip)
+            check_finite(step + 1, loss=loss, grad_norm=grad_norm)
+            opt.step()
 
-        # ---- dead-code restarts (identical on every process: counts summed, new vectors from rank 0)
-        counts = torch.bincount(codes.flatten(), minlength=args.codebook_size)
-        if distributed:
-            dist.all_reduce(counts)
-        last_used[counts > 0] = step
-        if args.dead_code_steps > 0:
-            dead = (step - last_used >= args.dead_code_steps).nonzero().flatten()
-            if len(dead) > 0:
-                # k-means++-like: favour encoder outputs far from their code (rare patterns, e.g. a thin arm)
-                pool = z.detach().float().permute(0, 2, 3, 1).reshape(-1, args.embed_dim)
-                err = (pool - e.detach().float().permute(0, 2, 3, 1).reshape(-1, args.embed_dim)).pow(2).sum(1)
-                err = err.double().cpu().numpy() + 1e-12
-                pick = rng.choice(len(pool), len(dead), p=err / err.sum())
-                new = pool[torch.from_numpy(pick).to(device)]
-                if distributed:
-                    dist.broadcast(new, 0)
-                with torch.no_grad():
-                    vqgan.quantizer.codebook.weight[dead] = new
-                for k in ("exp_avg", "exp_avg_sq"):  # forget the old Adam moments of those rows
-                    state = opt.state.get(vqgan.quantizer.codebook.weight, {})
-                    if k in state:
-                        state[k][dead] = 0.0
-                last_used[dead] = step
-
-        # ---- logging, evaluation, checkpoints
-        done = step + 1
-        if rank == 0 and (done % args.log_every == 0 or done == args.total_steps):
-            p = counts.double() / counts.sum()
-            scalars = {"loss/total": loss.item(), f"loss/rec_{args.rec_loss}": rec_loss.item(),
-                       "loss/vq": vq_loss.item(),
-                       "train/grad_norm": float(grad_norm), "train/lr": lr,
-                       "train/batch_usage": (counts > 0).double().mean().item(),
-                       "train/batch_perplexity": torch.exp(-(p * torch.log(p + 1e-12)).sum()).item(),
-                       "train/steps_per_s": bar.format_dict["rate"] or 0.0}
-            if perceptual is not None:
-                scalars["loss/perceptual"] = p_loss.item()
+            # ---- discriminator update: non-saturating loss + R1 penalty on real frames
             if use_gan:
-                scalars.update({"loss/g_adv": g_loss.item(), "loss/d": d_loss.item(), "loss/r1": r1.item()})
-            for k, v in scalars.items():
-                writer.add_scalar(k, v, done)
-            bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{scalars['train/batch_usage']:.0%}")
-        if done % args.eval_every == 0 or done == args.total_steps:
-            ev = run_eval(done) or ev
-            save(done)
+                disc.requires_grad_(True)
+                real = x.detach().requires_grad_(True)
+                with autocast:
+                    logits_real, logits_fake = disc(real).float(), disc(recon.detach()).float()
+                    d_loss = F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
+                (grad_real,) = torch.autograd.grad(logits_real.sum(), real, create_graph=True)
+                r1 = grad_real.pow(2).sum((1, 2, 3)).mean()
+                d_opt.zero_grad(set_to_none=True)
+                (d_loss + args.r1_gamma / 2 * r1).backward()
+                if distributed:  # the discriminator is not DDP-wrapped (R1 needs double backward): average by hand
+                    for p in disc.parameters():
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+                d_grad_norm = nn.utils.clip_grad_norm_(disc.parameters(), args.grad_clip)
+                check_finite(step + 1, d_loss=d_loss, d_grad_norm=d_grad_norm)
+                d_opt.step()
+
+            # ---- dead-code restarts (identical on every process: counts summed, new vectors from rank 0)
+            counts = torch.bincount(codes.flatten(), minlength=args.codebook_size)
+            if distributed:
+                dist.all_reduce(counts)
+            last_used[counts > 0] = step
+            if args.dead_code_steps > 0:
+                dead = (step - last_used >= args.dead_code_steps).nonzero().flatten()
+                if len(dead) > 0:
+                    # k-means++-like: favour encoder outputs far from their code (rare patterns, e.g. a thin arm)
+                    pool = z.detach().float().permute(0, 2, 3, 1).reshape(-1, args.embed_dim)
+                    err = (pool - e.detach().float().permute(0, 2, 3, 1).reshape(-1, args.embed_dim)).pow(2).sum(1)
+                    err = err.double().cpu().numpy() + 1e-12
+                    pick = rng.choice(len(pool), len(dead), p=err / err.sum())
+                    new = pool[torch.from_numpy(pick).to(device)]
+                    if distributed:
+                        dist.broadcast(new, 0)
+                    with torch.no_grad():
+                        vqgan.quantizer.codebook.weight[dead] = new
+                    for k in ("exp_avg", "exp_avg_sq"):  # forget the old Adam moments of those rows
+                        state = opt.state.get(vqgan.quantizer.codebook.weight, {})
+                        if k in state:
+                            state[k][dead] = 0.0
+                    last_used[dead] = step
+
+            # ---- logging, evaluation, checkpoints
+            done = step + 1
+            if rank == 0 and (done % args.log_every == 0 or done == args.total_steps):
+                p = counts.double() / counts.sum()
+                scalars = {"loss/total": loss.item(), f"loss/rec_{args.rec_loss}": rec_loss.item(),
+                           "loss/vq": vq_loss.item(),
+                           "train/grad_norm": float(grad_norm), "train/lr": lr,
+                           "train/batch_usage": (counts > 0).double().mean().item(),
+                           "train/batch_perplexity": torch.exp(-(p * torch.log(p + 1e-12)).sum()).item(),
+                           "train/steps_per_s": bar.format_dict["rate"] or 0.0}
+                if perceptual is not None:
+                    scalars["loss/perceptual"] = p_loss.item()
+                if use_gan:
+                    scalars.update({"loss/g_adv": g_loss.item(), "loss/d": d_loss.item(), "loss/r1": r1.item()})
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, done)
+                bar.set_postfix(rec=f"{rec_loss.item():.4f}", usage=f"{scalars['train/batch_usage']:.0%}")
+            if done % args.eval_every == 0 or done == args.total_steps:
+                ev = run_eval(done) or ev
+                save(done)
+    except KeyboardInterrupt:  # Ctrl-C: save where we are and say how to continue (an interrupt inside an
+        # update may leave part of it in the weights; --resume repeats that step, so not bit-exact)
+        bar.close()
+        save(done)
+        if rank == 0:
+            writer.close()
+            print(f"\ninterrupted at step {done}: saved {ckpt_path}; continue with the same command plus "
+                  f"--resume --output-dir {output_dir}")
+        raise SystemExit(130)  # 128 + SIGINT, as if Ctrl-C had ended the process: a calling script stops
 
     if start_step >= args.total_steps:  # nothing left to train: still report on the saved model
         ev = run_eval(start_step)

@@ -269,3 +269,90 @@ def test_ddp_two_cpu_processes(workdir, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(os.path.join(out, "videogpt.pt"))["step"] == 6
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reliability: reused folders, NaN, the tokenizer behind the codes, bad flags, Ctrl-C, changed architecture.
+def tiny_args(workdir, out, **kw):
+    base = dict(vqgan=os.path.join(workdir, "vq", "vqgan.pt"), data_dir=os.path.join(workdir, "data"),
+                output_dir=str(out), seq_len=3, frame_skip=2, width=32, num_layers=2, num_heads=4, mlp_dim=64,
+                batch_size=8, warmup_steps=1, learning_rate=3e-3, total_steps=2, eval_every=1000, eval_clips=8,
+                sample_every=1000, cuda=False)
+    base.update(kw)
+    return tv.Args(**base)
+
+
+def test_reusing_an_output_dir_without_resume_is_an_error(workdir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "videogpt_resume.pt").write_bytes(b"an earlier run")
+    with pytest.raises(FileExistsError, match=r"run.*add --resume to continue.*another --output-dir"):
+        tv.main(tiny_args(workdir, out))
+    assert os.listdir(out) == ["videogpt_resume.pt"]  # nothing written: no token cache, no logs
+
+
+def test_nan_loss_stops_the_run_and_a_nan_tokenizer_is_refused(workdir, tmp_path):
+    out = tmp_path / "run"  # --learning-rate 1e4 diverges; --eval-every 1 saves after every step
+    with pytest.raises(FloatingPointError, match=r"diverged at step \d.*lower --learning-rate"):
+        tv.main(tiny_args(workdir, out, learning_rate=1e4, total_steps=20, eval_every=1))
+    ckpt = torch.load(out / "videogpt.pt")
+    assert ckpt["step"] < 20 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    vq = vqgan_ckpt(workdir)
+    next(iter(vq["model"].values())).fill_(float("nan"))
+    torch.save(vq, tmp_path / "nan_vqgan.pt")
+    with pytest.raises(ValueError, match=r"nan_vqgan.pt.*non-finite"):
+        tv.main(tiny_args(workdir, tmp_path / "run2", vqgan=str(tmp_path / "nan_vqgan.pt")))
+
+
+def test_checkpoint_records_tasks_and_tokenizer_and_resume_refuses_another(workdir, tmp_path):
+    out = tmp_path / "run"
+    tv.main(tiny_args(workdir, out))  # unconditional: no class map, but the tasks are recorded
+    ckpt = torch.load(out / "videogpt.pt")
+    assert ckpt["class_map"] is None and ckpt["tasks"] == ["dmc_a", "dmc_b"]
+    assert ckpt["vqgan_hash"] == tv.weights_hash(vqgan_ckpt(workdir)["model"])
+    other = vqgan_ckpt(workdir)  # same architecture, other weights (a retrained tokenizer)
+    next(iter(other["model"].values())).add_(0.01)
+    torch.save(other, tmp_path / "other_vqgan.pt")
+    with pytest.raises(ValueError, match=r"videogpt_resume.pt.*vq/vqgan.pt.*other_vqgan.pt"):
+        tv.main(tiny_args(workdir, out, vqgan=str(tmp_path / "other_vqgan.pt"), total_steps=3, resume=True))
+    # files written before these keys existed still load and resume
+    tv.load_videogpt({k: v for k, v in ckpt.items() if k not in ("tasks", "vqgan_hash")})
+    state = torch.load(out / "videogpt_resume.pt", weights_only=False)
+    torch.save({k: v for k, v in state.items() if k not in ("args", "tasks", "vqgan_hash")}, out / "videogpt_resume.pt")
+    tv.main(tiny_args(workdir, out, total_steps=3, resume=True))
+    assert torch.load(out / "videogpt.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("flag", ["total_steps", "batch_size", "eval_every", "frame_skip", "seq_len"])
+def test_bad_flags_name_the_flag(workdir, tmp_path, flag):
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} 0"):
+        tv.main(tiny_args(workdir, tmp_path / "run", **{flag: 0}))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_ctrl_c_saves_and_exits_with_how_to_resume(workdir, tmp_path, monkeypatch, capsys):
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def ctrl_c_in_third_step(*a, **kw):  # clipped once per step: steps 1, 2 finish, step 3 is interrupted
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return clip(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_in_third_step)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        try:
+            tv.main(tiny_args(workdir, out, total_steps=4))
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped main() as a traceback, nothing saved")
+    assert stop.value.code == 130
+    assert f"interrupted at step 2: saved {out / 'videogpt_resume.pt'}" in capsys.readouterr().out
+    assert torch.load(out / "videogpt_resume.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "videogpt.pt")["step"] == 2
+
+
+def test_resume_with_another_architecture_names_the_flag(workdir, tmp_path):
+    tv.main(tiny_args(workdir, tmp_path / "run", total_steps=1))
+    with pytest.raises(ValueError, match="--width 32 there, 64 here"):
+        tv.main(tiny_args(workdir, tmp_path / "run", total_steps=2, resume=True, width=64))

@@ -222,3 +222,57 @@ def test_ddp_two_cpu_processes(tmp_path):
     ckpt = torch.load(out / "vqgan.pt", weights_only=False)
     assert ckpt["step"] == 3
     tv.load_vqgan(ckpt)
+
+
+def test_reusing_an_output_dir_without_resume_is_an_error(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"an earlier run")
+    with pytest.raises(FileExistsError, match=r"run.*add --resume to continue.*another --output-dir"):
+        tv.main(tiny_args(make_dataset(tmp_path / "data"), out, total_steps=1))
+    assert os.listdir(out) == ["checkpoint.pt"] and (out / "checkpoint.pt").read_bytes() == b"an earlier run"
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    # --lr 1e4 diverges within a few steps; --eval-every 1 saves after every step
+    data = make_dataset(tmp_path / "data")
+    with pytest.raises(FloatingPointError, match=r"diverged at step \d.*lower --lr"):
+        tv.main(tiny_args(data, tmp_path / "run", lr=1e4, total_steps=6, eval_every=1, dead_code_steps=0))
+    for name in ("vqgan.pt", "checkpoint.pt"):
+        ckpt = torch.load(tmp_path / "run" / name, weights_only=False)
+        assert ckpt["step"] < 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values()), name
+
+
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    data = make_dataset(tmp_path / "data")
+    tv.main(tiny_args(data, tmp_path / "a", total_steps=4))
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def ctrl_c_in_third_update(*a, **kw):  # steps 0, 1 clip once each; step 2 (first GAN step) is interrupted
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return clip(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_in_third_update)
+    with pytest.raises(SystemExit) as stop:
+        try:
+            tv.main(tiny_args(data, tmp_path / "b", total_steps=4))
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped main() as a traceback, nothing saved")
+    assert stop.value.code == 130
+    assert f"interrupted at step 2: saved {tmp_path / 'b' / 'checkpoint.pt'}" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
+    monkeypatch.undo()
+    tv.main(tiny_args(data, tmp_path / "b", total_steps=4, resume=True))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
+    assert b["step"] == 4
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+
+
+def test_resume_with_another_architecture_names_the_flag(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    tv.main(tiny_args(data, tmp_path / "run", total_steps=1))
+    with pytest.raises(ValueError, match="--base-channels 8 there, 16 here"):
+        tv.main(tiny_args(data, tmp_path / "run", total_steps=2, resume=True, base_channels=16))
