@@ -217,6 +217,19 @@ def load_reward_model(path, cuda=True):
     return load_videogpt(load_checkpoint(path, "videogpt"), device)
 
 
+def load_episode(path):
+    """(video, reward) of an episode npz written by collect_expert_videos.py; errors name the file."""
+    try:
+        with np.load(path) as ep:
+            missing = [k for k in ("video", "reward") if k not in ep.files]
+            if missing:
+                sys.exit(f"error: {path!r} has no {' or '.join(missing)} array (keys: {ep.files}); scoring needs "
+                         f"episodes with their task reward, as collect_expert_videos.py writes them")
+            return ep["video"], ep["reward"]
+    except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, or pickled objects
+        sys.exit(f"error: {path!r} is not a readable episode npz ({type(e).__name__}: {e})")
+
+
 def episode_files(data_dir, degraded_dir, task):
     """{epsilon: [npz paths]} from the eps<e>_ prefixes of the degraded files. Epsilon 0 is the degraded
     dir's eps0.0_ files when there are any (recorded from the same seeds as the other epsilons, so every
@@ -262,8 +275,7 @@ def eval_reward(args: RewardArgs):
         rows = []
         for eps, paths in files.items():
             for path in tqdm(paths, desc=f"{task} eps={eps}", leave=False):
-                ep = np.load(path)
-                video, reward = ep["video"], ep["reward"]
+                video, reward = load_episode(path)
                 if args.max_steps:
                     video, reward = video[: args.max_steps + 1], reward[: args.max_steps + 1]
                 r = rm.compute_rewards(torch.from_numpy(video)[None], task, args.mode)[0].numpy()
@@ -335,6 +347,8 @@ def eval_agent(args: AgentArgs):
     import collect_expert_videos as cev
     from train_viper_dreamer import load_agent_policy, save_gif
 
+    if args.num_episodes < 1:
+        sys.exit(f"error: --num-episodes must be >= 1, got {args.num_episodes}")
     ckpt = load_checkpoint(args.checkpoint, "agent")
     env_id = ckpt["args"]["env_id"]
     del ckpt
@@ -545,9 +559,8 @@ def eval_reference(args: ReferenceArgs):
     for name, paths in recorded.items():
         rows = []
         for path in tqdm(paths, desc=name, leave=False):
-            ep = np.load(path)
-            rows.append((episode_viper_return(rm, ep["video"], args.env_id, args.mode), float(ep["reward"].sum()),
-                         len(ep["video"]) - 1))
+            video, reward = load_episode(path)
+            rows.append((episode_viper_return(rm, video, args.env_id, args.mode), float(reward.sum()), len(video) - 1))
         behaviours[name] = rows
     env = cev.make_env(args.env_id, seed=args.seed)
     for name, policy in fixed_policies(env).items():

@@ -138,9 +138,12 @@ import math
 import os
 import random
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -166,6 +169,8 @@ class Args:
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """VIPER reward of step t: `conditional` = log p(x_t | earlier frames of its window) (paper formula);
     `joint` = log p(whole window ending at t) (official code's default)"""
+    allow_new_task: bool = False
+    """score --env-id with a video model whose recorded training tasks do not include it (off: an error)"""
     reference_returns: Optional[str] = None
     """reference.json from `eval.py reference` (the VIPER returns of expert, degraded, random, zero and
     constant-action episodes under this reward): drawn in tensorboard as flat lines beside the agent's VIPER
@@ -1192,19 +1197,30 @@ class Replay:
         out["is_first"][:, 0] = True  # every chunk starts from the initial latent
         return out
 
-    def save(self, path):
+    def save(self, path, step):
+        """Atomic write; `step` (the run's env step) pairs the file with the agent.pt saved after it."""
         tmp = path + ".tmp.npz"
-        np.savez(tmp, ptr=self.ptr, size=self.size, **{k: v[: self.size] for k, v in self.data.items()})
+        np.savez(tmp, ptr=self.ptr, size=self.size, step=step, **{k: v[: self.size] for k, v in self.data.items()})
         os.replace(tmp, path)
 
-    def load(self, path):
-        with np.load(path) as f:
-            size = int(f["size"])
-            if size > self.capacity:
-                raise ValueError(f"{path} holds {size} steps, more than --replay-capacity {self.capacity}")
-            for k in self.data:
-                self.data[k][:size] = f[k]
-            self.size, self.ptr = size, int(f["ptr"]) % self.capacity if size == self.capacity else size
+    def load(self, path, step):
+        """Load a replay saved at env step `step` (the checkpoint's); any other step is an error."""
+        try:
+            with np.load(path) as f:
+                saved = int(f["step"]) if "step" in f.files else None
+                if saved is not None and saved != step:
+                    raise ValueError(f"{path} was saved at step {saved} but agent.pt at step {step} (a save was "
+                                     f"interrupted between the two files): delete {path} to resume with an empty "
+                                     f"replay, or start the run again")
+                size = int(f["size"])
+                if size > self.capacity:
+                    raise ValueError(f"{path} holds {size} steps, more than --replay-capacity {self.capacity}")
+                for k in self.data:
+                    self.data[k][:size] = f[k]
+                self.size, self.ptr = size, int(f["ptr"]) % self.capacity if size == self.capacity else size
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is not a readable replay ({type(e).__name__}: {e}); delete it to resume "
+                             f"with an empty replay") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1561,6 +1577,28 @@ def write_run_json(path, args, counters):
     os.replace(tmp, path)
 
 
+@contextmanager
+def deferred_sigint():
+    """Inside: Ctrl-C (SIGINT) only appends to the yielded list, which the main loop checks after every env
+    step, so the run stops between steps (never in the middle of an update) and saves there. A second
+    Ctrl-C raises KeyboardInterrupt at once."""
+    flag = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        flag.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def keep_freed_memory():
     """glibc returns every freed block over 32 MB to the OS, so each update re-faults its large
     activations page by page (~30% of CPU time at batch 16 x 64). Keep freed memory in the heap instead."""
@@ -1620,8 +1658,17 @@ def load_reward_model(args, device, frame_size):
     label) and its VQ-GAN must take the env's frames."""
     if not os.path.isfile(args.reward_model):
         raise FileNotFoundError(f"--reward-model {args.reward_model!r} does not exist")
-    rm = load_videogpt(torch.load(args.reward_model, map_location="cpu", weights_only=False), device)
+    ckpt = torch.load(args.reward_model, map_location="cpu", weights_only=False)
+    rm = load_videogpt(ckpt, device)
     rm.labels(args.env_id)  # raises, listing the known tasks, if the class map lacks this one
+    tasks = ckpt.get("tasks")  # an unconditional model has no class map: its training tasks say what it knows
+    if tasks is not None and args.env_id not in tasks and not args.allow_new_task:
+        raise ValueError(f"--reward-model {args.reward_model!r} was trained on {tasks}, not on {args.env_id!r}: "
+                         f"its likelihood does not describe this task (add --allow-new-task to use it anyway)")
+    for module in (rm.model, rm.vqgan):
+        if not all(torch.isfinite(p).all() for p in module.state_dict().values() if p.is_floating_point()):
+            raise ValueError(f"--reward-model {args.reward_model!r} has non-finite (NaN/inf) weights: retrain it "
+                             f"(train_videogpt.py / train_vqgan.py with a lower learning rate)")
     if rm.vqgan.image_size != frame_size:
         raise ValueError(f"--reward-model {args.reward_model!r} takes {rm.vqgan.image_size}px frames; "
                          f"{args.env_id} gives {frame_size}px")
@@ -1705,7 +1752,7 @@ def main(args: Args):
         random.setstate(ckpt["rng"]["python"])
         rng = np.random.default_rng([args.seed, counters["step"]])
         if os.path.isfile(replay_path):
-            replay.load(replay_path)
+            replay.load(replay_path, counters["step"])
         else:
             tqdm.write(f"warning: {replay_path} not found; resuming with an empty replay")
         tqdm.write(f"resumed {out} at step {counters['step']} ({counters['updates']} updates, replay {len(replay)})")
@@ -1746,10 +1793,10 @@ def main(args: Args):
     def checkpoint():
         counters["wall_time_s"] += time.time() - t_wall[0]
         t_wall[0] = time.time()
+        if args.save_replay:  # the replay first: a kill between the two files leaves a replay newer than
+            replay.save(replay_path, counters["step"])  # agent.pt, which --resume detects by its step
         save_checkpoint(ckpt_path, agent, counters, args, act_dim, discrete)
         write_run_json(os.path.join(out, "run.json"), args, counters)
-        if args.save_replay:
-            replay.save(replay_path)
 
     def end_episode():
         """Log the finished episode: true task return and, with VIPER, its VIPER return and their correlation."""
@@ -1774,51 +1821,63 @@ def main(args: Args):
     last_eval, t_log, step_log, upd_log, metrics = None, time.time(), counters["step"], counters["updates"], {}
     t_start, reward_s_log, t_wall = time.time(), labeler.seconds, [time.time()]
     bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"{name} {args.env_id}", smoothing=0.05)
-    while counters["step"] < args.total_steps:
-        if counters["step"] < args.prefill:
-            action = (F.one_hot(torch.tensor(rng.integers(act_dim)), act_dim).float() if discrete
-                      else torch.as_tensor(rng.uniform(-1, 1, act_dim), dtype=torch.float32))
-        else:
-            action, carry = agent.policy(obs, carry, explore=True)
-        action = action.cpu().numpy()
-        obs, r, terminated, truncated, _ = env.step(env_action(torch.as_tensor(action), discrete))
-        labels = labeler(obs, r)  # the step's rewards, computed once, here
-        replay.add(image=obs, action=action, is_first=False, is_terminal=terminated, **labels)
-        counters["step"] += 1
-        ep_ret, ep_viper, ep_len = ep_ret + r, ep_viper + labels.get("density", 0.0), ep_len + 1
-        bar.update(1)
-        if terminated or truncated:
-            end_episode()
-            bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"],
-                            **({"viper": f"{ep_viper:.0f}"} if reward_model is not None else {}))
-            obs, carry, ep_ret, ep_viper, ep_len = new_episode(), None, 0.0, 0.0, 0
+    with deferred_sigint() as interrupted:  # Ctrl-C: finish this env step, save a checkpoint, exit cleanly
+        while counters["step"] < args.total_steps and not interrupted:
+            if counters["step"] < args.prefill:
+                action = (F.one_hot(torch.tensor(rng.integers(act_dim)), act_dim).float() if discrete
+                          else torch.as_tensor(rng.uniform(-1, 1, act_dim), dtype=torch.float32))
+            else:
+                action, carry = agent.policy(obs, carry, explore=True)
+            action = action.cpu().numpy()
+            obs, r, terminated, truncated, _ = env.step(env_action(torch.as_tensor(action), discrete))
+            labels = labeler(obs, r)  # the step's rewards, computed once, here
+            replay.add(image=obs, action=action, is_first=False, is_terminal=terminated, **labels)
+            counters["step"] += 1
+            ep_ret, ep_viper, ep_len = ep_ret + r, ep_viper + labels.get("density", 0.0), ep_len + 1
+            bar.update(1)
+            if terminated or truncated:
+                end_episode()
+                bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"],
+                                **({"viper": f"{ep_viper:.0f}"} if reward_model is not None else {}))
+                obs, carry, ep_ret, ep_viper, ep_len = new_episode(), None, 0.0, 0.0, 0
 
-        if counters["step"] >= args.prefill and len(replay) >= args.batch_length:
-            counters["credit"] += updates_per_step
-            while counters["credit"] >= 1.0:
-                metrics = agent.train_step(replay.sample(args.batch_size, args.batch_length, rng))
-                counters["credit"] -= 1.0
-                counters["updates"] += 1
+            if counters["step"] >= args.prefill and len(replay) >= args.batch_length:
+                counters["credit"] += updates_per_step
+                while counters["credit"] >= 1.0:
+                    metrics = agent.train_step(replay.sample(args.batch_size, args.batch_length, rng))
+                    counters["credit"] -= 1.0
+                    counters["updates"] += 1
+                    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+                    if bad:  # stop before a checkpoint can store the broken weights over the last good ones
+                        raise FloatingPointError(
+                            f"update {counters['updates']} (env step {counters['step']}) gave non-finite {', '.join(bad)}; "
+                            f"{ckpt_path if os.path.isfile(ckpt_path) else 'no checkpoint'} holds the last good state. "
+                            f"Try lower learning rates (--model-lr, --actor-lr, --critic-lr)")
 
-        s = counters["step"]
-        if s % args.log_every == 0:
-            dt = time.time() - t_log
-            writer.add_scalar("charts/SPS", (s - step_log) / dt, s)
-            writer.add_scalar("charts/updates_per_second", (counters["updates"] - upd_log) / dt, s)
-            writer.add_scalar("charts/train_ratio", counters["updates"] * args.batch_size * args.batch_length /
-                              max(1, s - args.prefill), s)
-            writer.add_scalar("charts/replay_size", len(replay), s)
-            if reward_model is not None:  # share of wall time spent encoding and scoring frames
-                writer.add_scalar("charts/reward_time_share", (labeler.seconds - reward_s_log) / dt, s)
-            for k, v in metrics.items():
-                writer.add_scalar(k, v, s)
-            t_log, step_log, upd_log, reward_s_log = time.time(), s, counters["updates"], labeler.seconds
-        if s % args.eval_every == 0 or s == args.total_steps:
-            last_eval = f"{run_eval():.1f}"
-            bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"])
-        if s % args.save_every == 0 or s == args.total_steps:
-            checkpoint()
+            s = counters["step"]
+            if s % args.log_every == 0:
+                dt = time.time() - t_log
+                writer.add_scalar("charts/SPS", (s - step_log) / dt, s)
+                writer.add_scalar("charts/updates_per_second", (counters["updates"] - upd_log) / dt, s)
+                writer.add_scalar("charts/train_ratio", counters["updates"] * args.batch_size * args.batch_length /
+                                  max(1, s - args.prefill), s)
+                writer.add_scalar("charts/replay_size", len(replay), s)
+                if reward_model is not None:  # share of wall time spent encoding and scoring frames
+                    writer.add_scalar("charts/reward_time_share", (labeler.seconds - reward_s_log) / dt, s)
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, s)
+                t_log, step_log, upd_log, reward_s_log = time.time(), s, counters["updates"], labeler.seconds
+            if s % args.eval_every == 0 or s == args.total_steps:
+                last_eval = f"{run_eval():.1f}"
+                bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"])
+            if s % args.save_every == 0 or s == args.total_steps:
+                checkpoint()
     bar.close()
+    if interrupted:
+        checkpoint()
+        writer.close()
+        raise SystemExit(f"interrupted at step {counters['step']}: saved {ckpt_path}; continue with the same "
+                         f"command and --resume --output-dir {out}")  # exit status 1: a calling script stops too
     if reward_model is not None:
         wall = time.time() - t_start
         tqdm.write(f"VIPER reward computation: {labeler.seconds:.1f} s of {wall:.1f} s wall "

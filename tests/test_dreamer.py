@@ -301,3 +301,68 @@ def test_part1_checkpoint_still_loads(dmc_run, tmp_path):
     policy = td.load_agent_policy(str(tmp_path / "old.pt"), env)
     assert set(policy.agent.critics) == {"task"} and policy.agent.ensemble is None
     assert policy(env.reset(seed=0)[0]).shape == (1,)
+
+
+# --- faults: NaN, Ctrl-C, a replay that does not belong to the checkpoint --------------------------
+def test_non_finite_update_stops_the_run_before_it_is_saved(tmp_path, monkeypatch):
+    real = td.Dreamer.train_step
+    calls = []
+
+    def poisoned(self, batch):
+        metrics = real(self, batch)
+        calls.append(1)
+        return {**metrics, "loss/model": float("nan")} if len(calls) == 3 else metrics
+
+    monkeypatch.setattr(td.Dreamer, "train_step", poisoned)
+    with pytest.raises(FloatingPointError, match="update 3 .*loss/model.*--model-lr"):
+        td.main(tiny_args(tmp_path, "dmc_cartpole_balance"))
+    assert not (tmp_path / "agent.pt").exists()  # nothing was saved from the broken state
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+    import signal
+
+    make_env = td.make_env
+
+    class SigintAt:  # the user presses Ctrl-C while env step 150 runs
+        def __init__(self, env):
+            self.env, self.t = env, 0
+
+        def __getattr__(self, name):
+            return getattr(self.env, name)
+
+        def reset(self, **kw):
+            return self.env.reset(**kw)
+
+        def step(self, action):
+            self.t += 1
+            if self.t == 150:
+                os.kill(os.getpid(), signal.SIGINT)
+            return self.env.step(action)
+
+    monkeypatch.setattr(td, "make_env", lambda env_id, seed=0: SigintAt(make_env(env_id, seed)))
+    with pytest.raises(SystemExit, match="interrupted at step 150: saved .*agent.pt.*--resume"):
+        td.main(tiny_args(tmp_path, "dmc_cartpole_balance"))  # stops after the step it was in, no traceback
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    saved = torch.load(tmp_path / "agent.pt", weights_only=False)
+    assert saved["counters"]["step"] == 150 and saved["counters"]["updates"] > 0
+    monkeypatch.setattr(td, "make_env", make_env)
+    agent, counters = td.main(tiny_args(tmp_path, "dmc_cartpole_balance", resume=True))
+    assert counters["step"] == 300
+
+
+def test_replay_from_another_step_or_truncated_is_named(dmc_run, tmp_path):
+    import shutil
+
+    src, _, _ = dmc_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    with np.load(out / "replay.npz") as f:
+        data = dict(f)
+    step = int(torch.load(out / "agent.pt", weights_only=False)["counters"]["step"])
+    np.savez(out / "replay.npz", **{**data, "step": step - 20})  # killed between the replay's and agent.pt's writes
+    with pytest.raises(ValueError, match=f"saved at step {step - 20} but agent.pt at step {step}"):
+        td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=step + 20))
+    (out / "replay.npz").write_bytes((src / "replay.npz").read_bytes()[:5000])  # truncated
+    with pytest.raises(ValueError, match="replay.npz is not a readable replay"):
+        td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=step + 20))

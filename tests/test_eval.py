@@ -231,3 +231,16 @@ def test_episodes_plot_reads_episodes_csv(tmp_path):
     out = tmp_path / "ep.png"
     ev.eval_episodes(ev.EpisodesArgs(run=str(run), reference=str(ref), smooth=2, output=str(out)))
     assert out.stat().st_size > 0
+
+
+def test_unreadable_episodes_and_zero_episodes_are_named(tmp_path):
+    no_reward = tmp_path / "a.npz"
+    np.savez(no_reward, video=np.zeros((2, 64, 64, 3), np.uint8))
+    with pytest.raises(SystemExit, match="a.npz.*no reward array"):
+        ev.load_episode(str(no_reward))
+    junk = tmp_path / "b.npz"
+    junk.write_bytes(os.urandom(2000))
+    with pytest.raises(SystemExit, match="b.npz.*not a readable episode"):
+        ev.load_episode(str(junk))
+    with pytest.raises(SystemExit, match="--num-episodes must be >= 1"):
+        ev.eval_agent(ev.AgentArgs(checkpoint=str(tmp_path / "agent.pt"), num_episodes=0))

@@ -332,6 +332,22 @@ def test_resume_viper_run(runs, videogpt_path, tmp_path):
         td.main(viper_args(out, videogpt_path, resume=True, expl_scale=0.0))
 
 
+def test_reward_model_with_nan_weights_or_for_another_task_is_refused(tmp_path):
+    path = make_videogpt(tmp_path / "videogpt.pt")
+    ckpt = torch.load(path, weights_only=False)
+    args = viper_args(tmp_path, path)
+    ckpt["tasks"] = ["dmc_reacher_easy"]  # trained on reacher alone (class map or not)
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="trained on .*dmc_reacher_easy.*--allow-new-task"):
+        td.load_reward_model(args, "cpu", 64)
+    assert td.load_reward_model(viper_args(tmp_path, path, allow_new_task=True), "cpu", 64) is not None
+    ckpt["tasks"] = [TASK]
+    ckpt["model"]["head.weight"][0, 0] = float("nan")
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="non-finite"):
+        td.load_reward_model(args, "cpu", 64)
+
+
 def test_unknown_task_and_bad_reward_model(videogpt_path, tmp_path):
     with pytest.raises(ValueError, match="known tasks.*dmc_cartpole_balance"):
         td.main(viper_args(tmp_path / "a", videogpt_path, env_id="dmc_walker_walk"))
