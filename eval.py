@@ -569,26 +569,33 @@ def eval_reference(args: ReferenceArgs):
             frames, ret = rollout(env, policy, rng, args.seed + i)
             rows.append((episode_viper_return(rm, frames, args.env_id, args.mode), ret, len(frames) - 1))
         behaviours[name] = rows
-    env.close()
     table = {}
     for name, rows in behaviours.items():
         v, r, n = (np.array(c, np.float64) for c in zip(*rows))
         table[name] = dict(episodes=len(rows), viper_return_mean=float(v.mean()), viper_return_std=float(v.std()),
                            viper_reward_per_step=float((v / n).mean()), true_return_mean=float(r.mean()),
                            true_return_std=float(r.std()))
-    expert = next(table[k]["viper_return_mean"] for k in table if k.startswith("expert"))
-    rand = table["random actions"]["viper_return_mean"]
-    # where each blind behaviour lies between random (0) and expert (1): >= 0.5 is closer to the expert
-    broken = {k: (table[k]["viper_return_mean"] - rand) / (expert - rand) for k in table
-              if k not in ("random actions",) and not k.startswith("expert") and expert != rand}
-    broken = {k: v for k, v in broken.items() if v >= 0.5}
+    # Where each behaviour lies between random actions (0) and the expert (1), by VIPER return and by true
+    # return. A task-blind behaviour (zero or constant actions) that the reward places much nearer the expert
+    # than the task does is a shortcut the agent can take: a broken reward. (On cartpole balance, zero actions
+    # keep the pole up for a while: they earn a good true return, and a high VIPER return is then right.)
+    expert_key = next(k for k in table if k.startswith("expert"))
+    for k, t in table.items():
+        for key, pos in (("viper_return_mean", "viper_position"), ("true_return_mean", "true_position")):
+            lo, hi = table["random actions"][key], table[expert_key][key]
+            t[pos] = (t[key] - lo) / (hi - lo) if hi != lo else float("nan")
+    broken = {k: t["viper_position"] for k, t in table.items() if k in fixed_policies(env) and k != "random actions"
+              and t["viper_position"] >= 0.5 and t["viper_position"] - t["true_position"] > 0.25}
     summary = {"reward_model": args.reward_model, "env_id": args.env_id, "mode": args.mode, "seed": args.seed,
-               "behaviours": table, "blind_behaviours_near_expert": broken}
+               "behaviours": table, "shortcuts": broken,
+               "spearman_viper_vs_true_return": spearman([t["viper_return_mean"] for t in table.values()],
+                                                         [t["true_return_mean"] for t in table.values()])}
+    env.close()
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "reference.json"), "w") as f:
         json.dump(summary, f, indent=1)
     head = ["behaviour", "episodes", "viper_return_mean", "viper_return_std", "viper_reward_per_step",
-            "true_return_mean", "true_return_std"]
+            "true_return_mean", "true_return_std", "viper_position", "true_position"]
     lines = [",".join(head)] + [",".join([k] + [f"{t[h]:.2f}" if isinstance(t[h], float) else str(t[h])
                                                 for h in head[1:]]) for k, t in table.items()]
     with open(os.path.join(args.output_dir, "reference.csv"), "w") as f:
@@ -597,11 +604,13 @@ def eval_reference(args: ReferenceArgs):
     w = max(map(len, table))
     for k, t in table.items():
         print(f"  {k:<{w}}  VIPER return {t['viper_return_mean']:>10.1f} +- {t['viper_return_std']:<8.1f} "
-              f"({t['viper_reward_per_step']:.2f} / step)  true return {t['true_return_mean']:.1f}")
+              f"({t['viper_reward_per_step']:.2f} / step)  true return {t['true_return_mean']:.1f}  "
+              f"(random -> expert: VIPER {t['viper_position']:.2f}, true {t['true_position']:.2f})")
+    print(f"Spearman rho over the behaviours (VIPER vs true return): {summary['spearman_viper_vs_true_return']:.3f}")
     for k, v in broken.items():
-        print(f"WARNING: '{k}' scores {table[k]['viper_return_mean']:.1f}, {100 * v:.0f}% of the way from random "
-              f"({rand:.1f}) to the expert ({expert:.1f}): this reward can be climbed without doing the task; "
-              f"fix the video model before a long agent run")
+        print(f"WARNING: '{k}' gets {100 * v:.0f}% of the way from random actions to the expert by VIPER return "
+              f"but {100 * table[k]['true_position']:.0f}% by true return: the agent can climb this reward without "
+              f"doing the task; fix the video model before a long agent run")
     print(f"-> {args.output_dir}/reference.json, reference.csv")
     return summary
 

@@ -177,6 +177,8 @@ def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
     assert list(table) == ["expert (test split)", "expert, epsilon 0.5", "random actions", "zero actions",
                            "constant +1", "constant -1"]
     assert table["expert (test split)"]["true_return_mean"] == 9.0 and table["zero actions"]["episodes"] == 2
+    assert table["expert (test split)"]["viper_position"] == 1.0 and table["random actions"]["viper_position"] == 0.0
+    assert set(summary["shortcuts"]) <= {"zero actions", "constant +1", "constant -1"}
     # the expert's VIPER return is what the agent's insert-time labeler sums over the steps after the reset
     rm = td.load_videogpt(torch.load(model, weights_only=False), "cpu")
     labeler = td.StepRewards(viper_args(tmp_path, model), rm)
