@@ -714,6 +714,8 @@ def eval_episodes(args: EpisodesArgs):
     if not os.path.isdir(args.run):
         sys.exit(f"error: run dir {args.run!r} does not exist")
     ep = read_episodes(args.run)
+    if len(ep["step"]) == 0:
+        sys.exit(f"error: {args.run!r} has no finished training episode yet")
     ref = {}
     if args.reference:
         if not os.path.isfile(args.reference):

@@ -111,12 +111,17 @@ Files in --output-dir (default runs/<env-id>__<dreamer|viper>__<seed>__<time>): 
 (true task episode return/length, and with VIPER the episode's VIPER return -- summed over the same
 steps as the task return --, their Pearson correlation over the last 20 episodes, and the share of wall
 time spent encoding and scoring frames; losses, SPS, achieved train ratio, eval return, eval film strips
-and open-loop predictions), eval.csv (one row per evaluation: step, mean true task return over
---eval-episodes greedy episodes), eval_<step>.gif (first eval episode), agent.pt (all networks,
-Plan2Explore ensemble, optimisers, return normalisers, counters, RNG states, args as a dict; written
-atomically) and, with --save-replay, replay.npz (the replay with its stored rewards, written atomically,
-so that --resume continues exactly enough: same weights, optimiser moments, normalisers, step, replay;
-the interrupted episode restarts). The reward model is not copied: --resume needs --reward-model again.
+and open-loop predictions; with --reference-returns the reference behaviours' VIPER returns as flat
+lines beside the agent's), eval.csv (one row per evaluation: step, mean true task return over
+--eval-episodes greedy episodes), episodes.csv (one row per training episode: step, true return, VIPER
+return, length), run.json (env, reward, seed, steps, command, commit, wall time; eval.py agent adds the
+final result), eval_<step>.gif (first eval episode), agent.pt (all networks, Plan2Explore ensemble,
+optimisers, return normalisers, counters, RNG states, args as a dict; written atomically) and, with
+--save-replay, replay.npz (the replay with its stored rewards and the step it was saved at, written
+atomically just before agent.pt, so that --resume continues exactly enough: same weights, optimiser
+moments, normalisers, step, replay; the interrupted episode restarts). The reward model is not copied:
+--resume needs --reward-model again. Ctrl-C finishes the current env step, saves, and exits; a second
+Ctrl-C stops at once. A non-finite loss stops the run before anything is saved.
 Replay memory: uint8 frames, 64*64*3 + 4*(action dims + 2) + 2 bytes ~= 12.3 KB per env step, allocated
 lazily: 100k steps = 1.2 GB, the 1M-step default capacity = 12.3 GB at most.
 
