@@ -540,6 +540,8 @@ def read_video(path, image_size):
             cap.release()
             video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
     except Exception as e:
+        if "pickled" in str(e):  # np.load's guess for a file that is neither .npz nor .npy
+            raise ValueError(f"cannot read video file {path}: not a numpy .npz archive (corrupt or another format)") from e
         raise ValueError(f"cannot read video file {path}: {e}") from e
     if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or len(video) == 0:
         raise ValueError(f"{path}: expected uint8 video [T, H, W, 3], got {video.dtype} {video.shape}")
@@ -579,7 +581,7 @@ def tokenize(paths, vqgan, image_size, codebook_size, device, cache_path, desc):
 class ClipSampler:
     """Clips of seq_len frames every frame_skip frames, from any valid offset of any episode (uniformly)."""
 
-    def __init__(self, episodes, labels, seq_len, frame_skip):
+    def __init__(self, episodes, labels, seq_len, frame_skip, split="train"):
         span = (seq_len - 1) * frame_skip + 1
         self.codes = torch.cat(episodes)  # all frames, episodes back to back
         starts, start_labels, offset = [], [], 0
@@ -589,7 +591,9 @@ class ClipSampler:
                 start_labels.append(torch.full((len(c) - span + 1,), label))
             offset += len(c)
         if not starts:
-            raise ValueError(f"no episode has the {span} frames that --seq-len {seq_len} x --frame-skip {frame_skip} need")
+            raise ValueError(f"no {split}/ episode has the {span} frames that --seq-len {seq_len} x --frame-skip "
+                             f"{frame_skip} need (longest: {max(map(len, episodes), default=0)}): record longer "
+                             f"episodes or lower --seq-len / --frame-skip")
         self.starts, self.labels = torch.cat(starts), torch.cat(start_labels)
         self.offsets = torch.arange(seq_len) * frame_skip
 
@@ -759,7 +763,7 @@ def main(args: Args):
     eval_codes = eval_labels = None
     if files["test"]:
         test_sampler = ClipSampler([codes[p] for _, p in files["test"]], [tasks.index(t) for t, _ in files["test"]],
-                                   args.seq_len, args.frame_skip)
+                                   args.seq_len, args.frame_skip, split="test")
         eval_codes, eval_labels = test_sampler.sample(args.eval_clips, np.random.default_rng(12345))  # fixed set
     elif is_main:
         print(f"warning: no test/ episodes under {args.data_dir}: no held-out NLL or expert reward report")

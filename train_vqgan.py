@@ -282,6 +282,9 @@ def read_video(path: str, image_size: int) -> np.ndarray:
             with np.load(path) as f:
                 video = f["video"]
         except Exception as e:  # corrupt zip, missing key, pickled object ...
+            if "pickled" in str(e):  # np.load's guess for a file that is neither .npz nor .npy
+                raise ValueError(f"cannot read 'video' from {path}: not a numpy .npz archive (corrupt or another "
+                                 f"format)") from e
             raise ValueError(f"cannot read 'video' from {path}: {type(e).__name__}: {e}") from e
     else:
         cap, frames = cv2.VideoCapture(path), []

@@ -356,3 +356,15 @@ def test_resume_with_another_architecture_names_the_flag(workdir, tmp_path):
     tv.main(tiny_args(workdir, tmp_path / "run", total_steps=1))
     with pytest.raises(ValueError, match="--width 32 there, 64 here"):
         tv.main(tiny_args(workdir, tmp_path / "run", total_steps=2, resume=True, width=64))
+
+
+def test_short_test_episodes_and_random_bytes_are_named(tmp_path):
+    import train_vqgan
+
+    with pytest.raises(ValueError, match="no test/ episode has the 7 frames .*longest: 5"):
+        tv.ClipSampler([torch.zeros(5, 2, 2, dtype=torch.long)], [0], 4, 2, split="test")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(os.urandom(3000))
+    for read in (tv.read_video, train_vqgan.read_video):
+        with pytest.raises(ValueError, match="junk.npz.*not a numpy .npz archive"):
+            read(str(junk), 64)
