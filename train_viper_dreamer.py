@@ -1719,6 +1719,9 @@ def main(args: Args):
         os.path.join(out, f) for f in ("agent.pt", "replay.npz", "eval.csv", "episodes.csv"))
     if args.resume and not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    for stale in (ckpt_path + ".tmp", replay_path + ".tmp.npz"):  # left by a kill during a save: incomplete
+        if os.path.isfile(stale):
+            os.remove(stale)
     if not args.resume and os.path.isfile(ckpt_path):
         raise FileExistsError(f"--output-dir {out!r} already holds a run (agent.pt): add --resume to continue it, "
                               f"or choose another --output-dir (a new run here would overwrite it)")

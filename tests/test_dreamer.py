@@ -363,8 +363,10 @@ def test_replay_from_another_step_or_truncated_is_named(dmc_run, tmp_path):
         data = dict(f)
     step = int(torch.load(out / "agent.pt", weights_only=False)["counters"]["step"])
     np.savez(out / "replay.npz", **{**data, "step": step - 20})  # killed between the replay's and agent.pt's writes
+    (out / "replay.npz.tmp.npz").write_bytes(b"half a replay")  # killed during a save: removed on start
     with pytest.raises(ValueError, match=f"saved at step {step - 20} but agent.pt at step {step}"):
         td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=step + 20))
+    assert not (out / "replay.npz.tmp.npz").exists()
     (out / "replay.npz").write_bytes((src / "replay.npz").read_bytes()[:5000])  # truncated
     with pytest.raises(ValueError, match="replay.npz is not a readable replay"):
         td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=step + 20))
