@@ -1886,8 +1886,9 @@ def main(args: Args):
     if interrupted:
         checkpoint()
         writer.close()
-        raise SystemExit(f"interrupted at step {counters['step']}: saved {ckpt_path}; continue with the same "
-                         f"command and --resume --output-dir {out}")  # exit status 1: a calling script stops too
+        print(f"interrupted at step {counters['step']}: saved {ckpt_path}; continue with the same command and "
+              f"--resume --output-dir {out}", file=sys.stderr)
+        raise SystemExit(130)  # the shell's status for Ctrl-C, as the other training scripts: a calling script stops
     if reward_model is not None:
         wall = time.time() - t_start
         tqdm.write(f"VIPER reward computation: {labeler.seconds:.1f} s of {wall:.1f} s wall "

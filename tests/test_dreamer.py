@@ -1,6 +1,7 @@
 """Tests of train_viper_dreamer.py: the DreamerV3 pieces, and short end-to-end runs on DMC and Pong."""
 import csv
 import os
+import re
 
 import numpy as np
 import pytest
@@ -321,7 +322,7 @@ def test_non_finite_update_stops_the_run_before_it_is_saved(tmp_path, monkeypatc
     assert not (tmp_path / "agent.pt").exists()  # nothing was saved from the broken state
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch, capsys):
     import signal
 
     make_env = td.make_env
@@ -343,8 +344,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
             return self.env.step(action)
 
     monkeypatch.setattr(td, "make_env", lambda env_id, seed=0: SigintAt(make_env(env_id, seed)))
-    with pytest.raises(SystemExit, match="interrupted at step 150: saved .*agent.pt.*--resume"):
+    with pytest.raises(SystemExit) as stop:
         td.main(tiny_args(tmp_path, "dmc_cartpole_balance"))  # stops after the step it was in, no traceback
+    assert stop.value.code == 130
+    assert re.search("interrupted at step 150: saved .*agent.pt.*--resume", capsys.readouterr().err)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     saved = torch.load(tmp_path / "agent.pt", weights_only=False)
     assert saved["counters"]["step"] == 150 and saved["counters"]["updates"] > 0
