@@ -47,3 +47,28 @@ def test_agent_runs_and_resumes_through_the_cli(tmp_path):
 def test_bad_flag_is_named():
     r = cli("train_viper_dreamer.py", "--batch-sise", "4")
     assert r.returncode != 0 and "--batch-sise" in r.stderr
+
+
+def test_sigint_to_a_running_agent_saves_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    import torch
+
+    out = tmp_path / "agent"
+    proc = subprocess.Popen([sys.executable, "train_viper_dreamer.py", "--total-steps", "100000", "--prefill", "40",
+                             "--batch-length", "16", "--train-ratio", "16", "--output-dir", str(out)],
+                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "episodes.csv").exists() and time.time() < deadline:  # written once the loop starts
+            time.sleep(0.5)
+        time.sleep(5)  # past the prefill, into the updates
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted at step" in err and "Traceback" not in err
+    saved = torch.load(out / "agent.pt", weights_only=False)["counters"]
+    assert saved["step"] > 40 and saved["updates"] > 0
