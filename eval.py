@@ -101,6 +101,8 @@ class CurvesArgs:
     as a percentage of the reference's at the same env steps"""
     random_return: Optional[float] = None
     """mean return of the random policy, drawn as a dashed line"""
+    expert_return: Optional[float] = None
+    """mean return of the scripted expert, drawn as a dash-dotted line"""
     target: Optional[float] = None
     """a target return, drawn as a dotted line"""
     title: str = ""
@@ -471,6 +473,8 @@ def eval_curves(args: CurvesArgs):
         ax.plot(list(c), list(c.values()), "o-", ms=3, label=label)
     if args.random_return is not None:
         ax.axhline(args.random_return, color="gray", ls="--", label=f"random policy ({args.random_return:.0f})")
+    if args.expert_return is not None:
+        ax.axhline(args.expert_return, color="black", ls="-.", lw=1, label=f"scripted expert ({args.expert_return:.0f})")
     if args.target is not None:
         ax.axhline(args.target, color="tab:green", ls=":", label=f"target ({args.target:.0f})")
     ax.set(xlabel="env steps", ylabel="eval return (true task reward)", title=args.title)

@@ -133,7 +133,8 @@ def test_eval_curves_table_and_png(tmp_path):
     _write_eval_csv(tmp_path / "v.csv", [(10000, 150.0), (20000, 100.0), (30000, 50.0)])
     out = tmp_path / "plots" / "c.png"
     table = ev.eval_curves(ev.CurvesArgs(runs=[f"oracle={tmp_path / 'o.csv'}", f"viper={tmp_path / 'v.csv'}"],
-                                         reference="oracle", random_return=100.0, output=str(out)))
+                                         reference="oracle", random_return=100.0, expert_return=999.0,
+                                         output=str(out)))
     lines = table.splitlines()
     assert lines[0] == "| env steps | oracle | viper | viper / oracle |"
     assert lines[2] == "| 10000 | 200.0 | 150.0 | 75% |"
