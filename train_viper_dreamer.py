@@ -1756,7 +1756,9 @@ def main(args: Args):
                              f"{reward_scales(args)} (--density-scale, --expl-scale, --task-reward-scale)")
         agent.load_state_dict(ckpt["agent"])
         agent.load_optim_state(ckpt["optim"])
-        counters = {"episode_returns": [], "wall_time_s": 0.0, **ckpt["counters"]}
+        run_json = os.path.join(out, "run.json")  # checkpoints older than wall_time_s: take run.json's
+        old_wall = json.load(open(run_json)).get("wall_time_s", 0.0) if os.path.isfile(run_json) else 0.0
+        counters = {"episode_returns": [], "wall_time_s": old_wall, **ckpt["counters"]}
         torch.set_rng_state(ckpt["rng"]["torch"])
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
