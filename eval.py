@@ -725,7 +725,7 @@ def eval_episodes(args: EpisodesArgs):
         if not os.path.isfile(args.reference):
             sys.exit(f"error: --reference {args.reference!r} does not exist (write it with eval.py reference)")
         ref = json.load(open(args.reference))["behaviours"]
-    fig, axes = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"][1:]
     for ax, key, label in ((axes[0], "viper_return", "VIPER return per episode (nats)"),
                            (axes[1], "return", "true task return per episode")):
@@ -738,10 +738,12 @@ def eval_episodes(args: EpisodesArgs):
             v = t["viper_return_mean" if key == "viper_return" else "true_return_mean"]
             ax.axhline(v, color=c, ls="--", lw=1, label=f"{name} ({v:.0f})")
         ax.set(ylabel=label)
-    if ref and np.isfinite(ep["viper_return"]).any():  # random/blind behaviours can be far below: keep the agent in view
-        lo = min(np.nanmin(ep["viper_return"]), min(t["viper_return_mean"] for t in ref.values()))
-        axes[0].set_yscale("symlog", linthresh=max(1.0, abs(lo) / 1000))
-    axes[0].legend(fontsize=6, loc="lower right")
+    vals = np.concatenate([ep["viper_return"][np.isfinite(ep["viper_return"])],
+                           [t["viper_return_mean"] for t in ref.values()]])
+    if len(vals) and vals.max() < 0:  # log-likelihoods: nats from -1e2 to -1e5 all readable on a log scale
+        axes[0].set_yscale("symlog", linthresh=max(1.0, -vals.max() / 10))
+        axes[0].set_ylim(vals.min() * 1.5, vals.max() / 3)
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[0].set_title(args.title or args.run, fontsize=9)
     axes[1].set(xlabel="env steps")
     fig.tight_layout()
