@@ -1,138 +1,53 @@
 """VIPER on a single-file DreamerV3 from 64x64 pixels: an agent rewarded by a video model, not by the task.
 
-VIPER (Escontrela et al., "Video Prediction Models as Rewards for Reinforcement Learning", NeurIPS 2023):
-a video model trained on expert videos scores how likely it finds the agent's own frames, and that
-log-likelihood is the reward. The agent never sees the task reward. Likelihood alone favours the single
-most likely (often motionless) behaviour, so an exploration bonus (Plan2Explore disagreement) is added.
-The agent is DreamerV3 as first published (Hafner et al., arXiv:2301.04104 **v1, January 2023**, and its
-code of that time), which VIPER built on; `--reward task` trains it on the env reward (the oracle).
+VIPER (Escontrela et al., NeurIPS 2023): a video model trained on expert videos scores how likely it finds
+the agent's own frames; that log-likelihood is the reward and the agent never sees the task reward. The agent
+is DreamerV3 as first published (arXiv:2301.04104 v1 and its code of that time), which VIPER built on;
+`--reward task` trains it on the env reward instead (the oracle).
 
-VIPER (`--reward viper --reward-model videogpt.pt`)
---------------------------------------------------
-1. Reward model (frozen, inference only): videogpt.pt from train_videogpt.py holds a VQ-GAN (each frame
-   -> h x w discrete codes) and a class-conditional VideoGPT over code sequences of L frames taken every
-   k frames (L, k and the class map come from the checkpoint; the class label is --env-id). The reward
-   of step t looks at the window x_{t-(L-1)k}, ..., x_{t-k}, x_t:
+The algorithm, top to bottom:
+1. Reward (`StepRewards`, once per env step, before the step enters the replay): videogpt.pt (frozen VQ-GAN
+   + VideoGPT over L frames every k frames, class label --env-id) scores the window ending at the new frame:
      conditional (paper formula, default):  r_t = log p(x_t | x_{t-(L-1)k}, ..., x_{t-k})
      joint (official code's default):       r_t = log p(x_{t-(L-1)k}, ..., x_t)
-   a frame's log-probability being the sum over its h*w codes. Both are <= 0: closer to 0 = more expert-like.
-2. Scored at insert: `StepRewards` encodes each new frame once, keeps the episode's last (L-1)k+1 codes
-   and scores the new step alone, before it enters the replay; the reward is stored (replay field
-   `density`) and never recomputed. Episode starts use the available prefix with the same skip (the
-   first-steps rule of train_videogpt.py's `compute_rewards`, which these rewards equal exactly), so no
-   step is dropped; the reset frame gets log p(x_0), not 0 (0 would be the best possible reward).
-3. World model: a `density` two-hot head (like the reward head) predicts the stored VIPER reward from
-   the latent [h, z]; it replaces the reward head in the model's gradients (official `grad_heads:
-   [decoder, density, cont]`). The reward head exists only with --task-reward-scale > 0.
-4. Exploration (Plan2Explore): an ensemble of 8 MLPs, each predicting the next stochastic state
-   z_{t+1} (flattened one-hots) from (h_t, z_t, a_t), trained on replayed posterior states (detached)
-   with its own Adam optimiser. In imagination the reward of transition t -> t+1 is the ensemble's
-   disagreement: the std across members, averaged over the dimensions.
-5. Actor and critics: one critic per reward term with nonzero scale -- `density` (density head),
-   `disag` (disagreement), `task` (reward head) -- each with its own slow critic, return normaliser and
-   optimiser. The actor's advantage mixes the normalised advantages, weighted by the scales:
-     A = sum_k s_k (R^k_lambda - v_k) / max(1, P95_k - P5_k) / sum_k s_k.
-   --density-scale 1 --expl-scale 1 --task-reward-scale 0 (the defaults of --reward viper) is the
-   official `videogpt_prior_rb` setting. With --task-reward-scale 0 the env reward reaches no network:
-   it is stored (field `reward`) and logged only, and evaluation measures the true task return.
+   summed over the frame's codes, <= 0 (0 = as expert-like as it gets). Episode starts use the available
+   prefix, so the reset frame gets log p(x_0). Stored as replay field `density`, never recomputed.
+2. World model on replayed chunks: CNN encoder -> RSSM (GRU state h, 16|32 categoricals z with 1% unimix,
+   straight-through samples) -> heads on [h, z]: decoder (MSE), `density` and (with a task reward) `reward`
+   as twohot over 255 symlog bins, continue flag; KL balancing 0.5 / 0.1 with 1 free nat.
+3. Plan2Explore: 8 MLPs predict z_{t+1} from (h_t, z_t, a_t) on replayed (detached) states; in imagination
+   their disagreement (std across members, mean over dims) rewards transition t -> t+1.
+4. Actor-critic in imagination (15 steps from every replayed state): one critic per reward term with a
+   nonzero scale (`density`, `disag`, `task`), each with a slow critic and a return normaliser; lambda-return
+   (0.95, discount 1 - 1/333); advantages mixed as A = sum_k s_k (R^k - v_k) / max(1, P95_k - P5_k) / sum s_k.
+   Continuous actions (DMC): backprop through the dynamics, Normal(tanh(mu), sigma in [0.1, 1]); discrete
+   (Atari): REINFORCE with 1% unimix; entropy bonus 3e-4. `--reward viper` defaults (density 1, disag 1,
+   task 0) are the official `videogpt_prior_rb` setting: the env reward reaches no network, only the logs.
+5. One env, uniform replay, one update every batch_size * batch_length / train_ratio env steps after
+   `--prefill` random steps; greedy evaluation on the true task reward every --eval-every steps.
 
-DreamerV3 (both rewards)
-------------------------
-World model (trained on replayed 64-step chunks, batch 16, Adam lr 1e-4, eps 1e-8, grad-norm clip 1000):
-  * CNN encoder: 4 stride-2 4x4 convs (64->32->16->8->4 px, channels d, 2d, 4d, 8d), LayerNorm + SiLU;
-    input is image/255 - 0.5.
-  * RSSM: deterministic state h from a GRU whose gates come from one LayerNorm'd linear layer (update
-    gate biased by -1); stochastic state z = 32 categoricals with 32 classes, each mixed with 1% uniform
-    ("unimix") and sampled with straight-through gradients. Posterior q(z|h,x), prior p(z|h).
-    The initial h is learned (tanh of a parameter); z0 is the prior's mode.
-  * Heads on feat = [h, z]: decoder (transposed CNN, mirror of the encoder, MSE summed over pixels),
-    reward / density (two-hot over 255 bins spaced evenly in symlog space on [-20, 20], zero-initialised
-    output layer), continue (Bernoulli logit, target 1 - is_terminal).
-  * KL balancing: 0.5 * max(1, KL[sg(q) || p]) + 0.1 * max(1, KL[q || sg(p)]) (free bits 1 nat, per step).
-Actor-critic (learned in imagination, Adam lr 3e-5, eps 1e-5, grad-norm clip 100):
-  * Imagine 15 steps from every posterior state of the batch (16 x 64 starts) with the actor.
-  * lambda-returns (lambda 0.95, discount 1 - 1/333) bootstrapped with the critic; steps after a predicted
-    episode end are down-weighted by the cumulative product of predicted continue flags.
-  * Critic: two-hot over symlog bins (zero-init output), trained on the lambda-returns plus a regulariser
-    towards the prediction of a slow copy (EMA, 2% per update), both as two-hot log-likelihoods.
-  * Returns normalised by S = max(1, P95 - P5), percentiles tracked with an EMA of decay 0.99.
-  * Actor: REINFORCE for discrete actions (Atari), backpropagation through the learned dynamics for
-    continuous actions (DMC; like the v1 code, the gradient also flows through the baseline v(s_t) of
-    the imagined states, --no-baseline-grad stops it); entropy bonus 3e-4; discrete: 1% unimix;
-    continuous: Normal(tanh(mu), sigma) with sigma in [0.1, 1].
-Data: one environment; uniform replay of 64-step chunks; `--train-ratio` replayed steps per env step,
-i.e. one update every batch_size * batch_length / train_ratio env steps once `--prefill` random steps
-are collected.
+Deliberate deviations from the paper and the official code:
+  * `cpu` size (the default, for 2 CPU cores): GRU/dense 128, CNN multiplier 8, one MLP layer, 16x16 latents,
+    lr 3e-4 / 1e-4 / 1e-4 and Adam beta2 0.99 (reason at CPU_OPT), batch 4 x 32 at train ratio 64: one update
+    every 2 env steps, the paper's update rate, on 4x smaller batches. Sizes XS..XL keep the paper's values.
+  * One env, one replay stream; every replayed chunk starts from the learned initial latent; `--prefill`.
+  * Evaluation acts with the policy's mode (`eval.py agent --sample` samples, as the official eval does).
+  * The replay stores the clipped action; no bias before LayerNorm; prior logits computed after the
+    posterior loop (same values, fewer sequential ops); bf16 autocast on CUDA only, fp32 on CPU.
+  * VIPER: no step is dropped at episode starts (official: the first 15), step 0 is scored; no reward head
+    at all with --task-reward-scale 0 (official: trained outside the gradients, for logs); disagreement
+    from (h_t, z_t, a_t) -> z_{t+1} (Plan2Explore's definition; DreamerV3's code uses the arrival state);
+    pairs across an episode start left out of the ensemble loss; --reward-mode defaults to conditional.
 
-Code map: `StepRewards` labels each step once as it enters the replay; `wm_heads(args)` maps the world
-model's two-hot heads to replay fields; `Dreamer.imagined_rewards` gives one imagined reward per critic;
-`critic_scales(args)` gives the mixing weights; critics, slow critics, return normalisers and critic
-optimisers are dicts keyed by reward term.
+Code map: env (`make_env`, copied) -> networks (`RSSM`, heads, `Actor`, `Ensemble`) -> reward-model copy
+(`VQGAN`, `VideoGPT`, `RewardModel`) -> reward terms (`reward_scales`, `critic_scales`, `wm_heads`,
+`StepRewards`) -> `Replay` -> `Dreamer` (losses, imagination, `train_step`) -> `main`. Outputs (eval.csv,
+episodes.csv, run.json, agent.pt, replay.npz, tensorboard) and measured results: README.
 
-Model sizes (`--size`; the paper's table: GRU units / dense units / CNN multiplier d / MLP layers):
-  XS 256/256/24/1, S 512/512/32/2, M 1024/640/48/3, L 2048/768/64/4, XL 4096/1024/96/5 (32x32 latents).
-  `cpu` (ours, for 2 CPU cores): GRU 128, dense 128, d 8, 1 layer, 16x16 latents; 1.2M parameters,
-  ~0.15 CPU-s per update at batch 4 x 32, ~0.5 at 16 x 32 (S: 9-11 CPU-s at 16 x 64; bench/bench_dreamer.py).
-  The ensemble members use the size's dense units and layers, as the official disag_head does.
-The paper trains DMC from pixels with train ratio 512 (one update every 2 env steps): ~50k updates per
-100k env steps, far beyond 2 CPU cores. Here learning is limited by the number of updates and an update
-costs time in proportion to its batch, so the CPU recipe cuts the batch to 4 x 32 for 4x the updates
-of batch 16 (one update every 2 env steps, the paper's update rate).
-The defaults are this recipe (`--size cpu --batch-size 4 --batch-length 32 --train-ratio 64`); the oracle
-solves dmc_cartpole_balance with it in ~49k updates, ~2 h 16 min on one core (README, Results):
-    python train_viper_dreamer.py --env-id dmc_cartpole_balance
-
-Deliberate deviations from the paper/code (v1):
-  * `cpu` size preset: smaller nets and 16x16 latents, and a faster optimiser for its ~10x fewer updates:
-    learning rates 3e-4 (model) / 1e-4 (actor, critic) and Adam beta2 0.99 instead of 1e-4 / 3e-5 / 0.999
-    (reason at CPU_OPT). Other sizes use the paper's values; flags override either.
-  * One environment instead of several; the replay is one stream and a sampled chunk may cross episode
-    boundaries (is_first resets the latent, as in the paper); every chunk starts from the learned initial
-    latent (its first step is treated as is_first) instead of a latent carried over from earlier training.
-  * `--prefill` env steps with uniform random actions before learning starts.
-  * Evaluation acts with the mode of the policy (training and the official evaluation sample;
-    `eval.py agent --sample` does too).
-  * Replay stores the clipped action the env executed; layers followed by LayerNorm have no bias (the
-    norm's offset plays its role); prior logits are computed for the whole chunk after the posterior
-    loop (same values, fewer sequential ops).
-  * bf16 autocast only on CUDA (untested here: no GPU); fp32 on CPU. No parallel data loaders.
-  VIPER:
-  * No step is dropped at episode starts (the official code drops the first 15), and step 0 is scored.
-  * With --task-reward-scale 0 there is no reward head at all (the official code still trains one on the
-    env reward, outside the model's gradients, for logging): nothing learns from the env reward.
-  * Disagreement rewards transition t -> t+1 from the inputs (h_t, z_t, a_t) that predict z_{t+1} (the
-    Plan2Explore paper's definition; DreamerV3's code takes the ensemble at the arrival state t+1 with
-    its next action). Ensemble pairs that cross an episode start are left out of its loss. The ensemble
-    shares the world model's learning rate (official expl_opt: lr 1e-4 = the model's, eps 1e-5, clip 100).
-  * One env, so scoring is one window per env step (the official code scores batches from several envs).
-  * --reward-mode defaults to conditional (the paper's formula); the official code's default is joint.
-
-Files in --output-dir (default runs/<env-id>__<dreamer|viper>__<seed>__<time>): tensorboard events
-(true task episode return/length, and with VIPER the episode's VIPER return -- summed over the same
-steps as the task return --, their Pearson correlation over the last 20 episodes, and the share of wall
-time spent encoding and scoring frames; losses, SPS, achieved train ratio, eval return, eval film strips
-and open-loop predictions; with --reference-returns the reference behaviours' VIPER returns as flat
-lines beside the agent's), eval.csv (one row per evaluation: step, mean true task return over
---eval-episodes greedy episodes), episodes.csv (one row per training episode: step, true return, VIPER
-return, length), run.json (env, reward, seed, steps, command, commit, wall time; eval.py agent adds the
-final result), eval_<step>.gif (first eval episode), agent.pt (all networks, Plan2Explore ensemble,
-optimisers, return normalisers, counters, RNG states, args as a dict; written atomically) and, with
---save-replay, replay.npz (the replay with its stored rewards and the step it was saved at, written
-atomically just before agent.pt, so that --resume continues exactly enough: same weights, optimiser
-moments, normalisers, step, replay; the interrupted episode restarts). The reward model is not copied:
---resume needs --reward-model again. Ctrl-C finishes the current env step, saves, and exits; a second
-Ctrl-C stops at once. A non-finite loss stops the run before anything is saved.
-Replay memory: uint8 frames, 64*64*3 + 4*(action dims + 2) + 2 bytes ~= 12.3 KB per env step, allocated
-lazily: 100k steps = 1.2 GB, the 1M-step default capacity = 12.3 GB at most.
-
+    python train_viper_dreamer.py --env-id dmc_cartpole_balance           # the task oracle (CPU recipe)
     python train_viper_dreamer.py --env-id dmc_cartpole_balance --reward viper \
-        --reward-model runs/videogpt/videogpt.pt                          # VIPER (density + disagreement)
-    python train_viper_dreamer.py ... --reward viper --reward-model runs/videogpt/videogpt.pt --expl-scale 0
-    python train_viper_dreamer.py --env-id dmc_cartpole_balance           # the task oracle
-    python train_viper_dreamer.py --env-id dmc_walker_walk --size S --batch-size 16 --batch-length 64 \
-        --train-ratio 512                                                 # paper DMC setting
-    python train_viper_dreamer.py --env-id atari_pong --size S --batch-size 16 --batch-length 64
-    python train_viper_dreamer.py --output-dir runs/x --resume         # continue runs/x (same flags)
+        --reward-model runs/videogpt/videogpt.pt                          # VIPER: density + disagreement
+    python train_viper_dreamer.py --output-dir runs/x --resume ...        # continue runs/x (same flags)
 """
 
 import copy
