@@ -95,7 +95,8 @@ class SamplesArgs:
 @dataclass
 class CurvesArgs:
     runs: list[str]
-    """curves to draw, each `label=path/to/eval.csv` (train_viper_dreamer.py's file: step, return)"""
+    """curves to draw, each `label=path/to/eval.csv` (train_viper_dreamer.py's file: step, return); several
+    comma-separated files under one label (seeds) are drawn as their mean with their range shaded"""
     reference: Optional[str] = None
     """label of the run the others are compared to (e.g. the task oracle): the table adds each run's return
     as a percentage of the reference's at the same env steps"""
@@ -457,20 +458,28 @@ def eval_curves(args: CurvesArgs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {}
+    curves, seeds = {}, {}
     for spec in args.runs:
-        label, sep, path = spec.partition("=")
-        if not sep or not label or not path:
-            sys.exit(f"error: --runs entry {spec!r} must look like label=path/to/eval.csv")
+        label, sep, paths = spec.partition("=")
+        if not sep or not label or not paths:
+            sys.exit(f"error: --runs entry {spec!r} must look like label=path/to/eval.csv[,another/eval.csv]")
         if label in curves:
             sys.exit(f"error: --runs label {label!r} is used twice")
-        curves[label] = read_eval_csv(path)
+        # several comma-separated files (seeds) under one label: their mean, at the steps all of them reached
+        seeds[label] = [read_eval_csv(p) for p in paths.split(",")]
+        steps = sorted(set.intersection(*(set(c) for c in seeds[label])))
+        curves[label] = {s: float(np.mean([c[s] for c in seeds[label]])) for s in steps}
     if args.reference is not None and args.reference not in curves:
         sys.exit(f"error: --reference {args.reference!r} is not one of the labels {list(curves)}")
     table = curves_table(curves, args.reference)
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, c in curves.items():
-        ax.plot(list(c), list(c.values()), "o-", ms=3, label=label)
+        n = len(seeds[label])
+        line, = ax.plot(list(c), list(c.values()), "o-", ms=3, label=label + (f" (mean of {n})" if n > 1 else ""))
+        if n > 1:  # the seeds' range
+            lo = [min(x[s] for x in seeds[label]) for s in c]
+            hi = [max(x[s] for x in seeds[label]) for s in c]
+            ax.fill_between(list(c), lo, hi, color=line.get_color(), alpha=0.2, lw=0)
     if args.random_return is not None:
         ax.axhline(args.random_return, color="gray", ls="--", label=f"random policy ({args.random_return:.0f})")
     if args.expert_return is not None:

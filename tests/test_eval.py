@@ -143,6 +143,14 @@ def test_eval_curves_table_and_png(tmp_path):
     assert out.stat().st_size > 1000 and (tmp_path / "plots" / "curves.md").read_text().strip() == table
 
 
+def test_eval_curves_mean_of_seeds(tmp_path):
+    _write_eval_csv(tmp_path / "s0.csv", [(10000, 200.0), (20000, 400.0)])
+    _write_eval_csv(tmp_path / "s1.csv", [(10000, 100.0)])  # a seed that has not reached 20k yet
+    table = ev.eval_curves(ev.CurvesArgs(runs=[f"viper={tmp_path / 's0.csv'},{tmp_path / 's1.csv'}"],
+                                         output=str(tmp_path / "c.png")))
+    assert table.splitlines()[2:] == ["| 10000 | 150.0 |"]  # the mean, only where every seed has an eval
+
+
 def test_eval_curves_bad_inputs(tmp_path):
     _write_eval_csv(tmp_path / "o.csv", [(10000, 200.0)])
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
