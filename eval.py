@@ -419,20 +419,31 @@ def eval_samples(args: SamplesArgs):
 # ---------------------------------------------------------------------------------------------
 # eval.py curves
 # ---------------------------------------------------------------------------------------------
-def read_eval_csv(path):
-    """{step: return} from an eval.csv written by train_viper_dreamer.py."""
+def read_eval_csv(path, column="return"):
+    """{step: return} (or {step: wall_time_s}, None where a row lacks it) from train_viper_dreamer.py's
+    eval.csv. Runs started before the wall-time column existed have rows without it."""
     import csv
 
     if not os.path.isfile(path):
         sys.exit(f"error: eval file {path!r} does not exist")
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    if not rows or rows[0] != ["step", "return"]:
-        sys.exit(f"error: {path!r} is not an eval.csv (expected the header 'step,return', got {rows[:1]})")
+    if not rows or rows[0][:2] != ["step", "return"]:
+        sys.exit(f"error: {path!r} is not an eval.csv (expected the header 'step,return[,wall_time_s]', "
+                 f"got {rows[:1]})")
+    i = rows[0].index(column) if column in rows[0] else None
     try:
-        return {int(r[0]): float(r[1]) for r in rows[1:] if r}
+        return {int(r[0]): (float(r[i]) if i is not None and i < len(r) else None) for r in rows[1:] if r}
     except (ValueError, IndexError) as e:
         sys.exit(f"error: {path!r} has a malformed row ({e})")
+
+
+def time_to_target(returns, walls, target):
+    """(first env step whose eval return >= target, the run's wall seconds then or None); (None, None) if never."""
+    for step in sorted(returns):
+        if returns[step] >= target:
+            return step, walls.get(step)
+    return None, None
 
 
 def curves_table(curves, reference=None):
@@ -472,6 +483,14 @@ def eval_curves(args: CurvesArgs):
     if args.reference is not None and args.reference not in curves:
         sys.exit(f"error: --reference {args.reference!r} is not one of the labels {list(curves)}")
     table = curves_table(curves, args.reference)
+    if args.target is not None:  # time to target, per file (seed)
+        for spec in args.runs:
+            label, _, paths = spec.partition("=")
+            for path in paths.split(","):
+                step, wall = time_to_target(read_eval_csv(path), read_eval_csv(path, "wall_time_s"), args.target)
+                when = ("not reached" if step is None else f"step {step}" +
+                        (f", {wall / 3600:.2f} h wall" if wall is not None else ""))
+                table += f"\n\n{label} ({path}): first eval >= {args.target:g} at {when}"
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, c in curves.items():
         n = len(seeds[label])

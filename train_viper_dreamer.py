@@ -1691,7 +1691,7 @@ def main(args: Args):
         writer.add_custom_scalars({"VIPER return per episode": {"agent vs reference behaviour": [
             "Multiline", ["charts/episodic_viper_return", "reference/.*"]]}})
     # one row per evaluation / training episode; on --resume, rows written after the checkpoint are dropped
-    start_csv(csv_path, "step,return", counters["step"])
+    start_csv(csv_path, "step,return,wall_time_s", counters["step"])
     start_csv(episodes_path, "step,return,viper_return,length", counters["step"])
 
     def new_episode():
@@ -1705,7 +1705,8 @@ def main(args: Args):
         rets, frames = evaluate(agent, eval_env, args.eval_episodes, seed=10_000)
         step_ = counters["step"]
         with open(csv_path, "a") as f:
-            csv.writer(f).writerow([step_, f"{np.mean(rets):.2f}"])
+            wall = counters["wall_time_s"] + time.time() - t_wall[0]  # the run's wall time so far, over resumes
+            csv.writer(f).writerow([step_, f"{np.mean(rets):.2f}", f"{wall:.0f}"])
         writer.add_scalar("eval/return", np.mean(rets), step_)
         writer.add_scalar("eval/return_std", np.std(rets), step_)
         writer.add_image("eval/episode", film_strip(frames), step_, dataformats="HWC")

@@ -206,7 +206,7 @@ def test_smoke_dmc_writes_checkpoint_and_eval(dmc_run):
     assert counters["step"] == 300
     assert counters["updates"] == int((300 - 100) * 8 / (4 * 16))  # --train-ratio honoured
     rows = read_eval(out / "eval.csv")
-    assert rows[0] == ["step", "return"] and rows[1][0] == "300" and 0 <= float(rows[1][1]) <= 1000
+    assert rows[0] == ["step", "return", "wall_time_s"] and float(rows[1][2]) > 0 and rows[1][0] == "300" and 0 <= float(rows[1][1]) <= 1000
     assert (out / "replay.npz").exists() and (out / "eval_300.gif").exists()
     with np.load(out / "replay.npz") as f:  # written compressed: rendered frames are mostly flat colour
         assert os.path.getsize(out / "replay.npz") < f["image"].nbytes / 5 and int(f["step"]) == 300

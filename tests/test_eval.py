@@ -143,6 +143,17 @@ def test_eval_curves_table_and_png(tmp_path):
     assert out.stat().st_size > 1000 and (tmp_path / "plots" / "curves.md").read_text().strip() == table
 
 
+def test_time_to_target_reads_the_wall_time_column(tmp_path):
+    (tmp_path / "e.csv").write_text("step,return,wall_time_s\n10000,300.0\n20000,700.0,3600\n30000,900.0,7200\n")
+    path = str(tmp_path / "e.csv")
+    returns, walls = ev.read_eval_csv(path), ev.read_eval_csv(path, "wall_time_s")
+    assert walls == {10000: None, 20000: 3600.0, 30000: 7200.0}  # a row from before the column existed
+    assert ev.time_to_target(returns, walls, 650) == (20000, 3600.0)
+    assert ev.time_to_target(returns, walls, 950) == (None, None)
+    table = ev.eval_curves(ev.CurvesArgs(runs=[f"a={tmp_path / 'e.csv'}"], target=800, output=str(tmp_path / "c.png")))
+    assert table.endswith("first eval >= 800 at step 30000, 2.00 h wall")
+
+
 def test_eval_curves_mean_of_seeds(tmp_path):
     _write_eval_csv(tmp_path / "s0.csv", [(10000, 200.0), (20000, 400.0)])
     _write_eval_csv(tmp_path / "s1.csv", [(10000, 100.0)])  # a seed that has not reached 20k yet

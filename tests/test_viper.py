@@ -250,7 +250,7 @@ def test_smoke_run_writes_checkpoint_eval_and_logs(runs):
     assert counters["step"] == 200 and counters["updates"] == int((200 - 64) * 8 / (4 * 16))
     with open(out / "eval.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["step", "return"] and rows[1][0] == "200" and 0 <= float(rows[1][1]) <= EPISODE * 2
+    assert rows[0] == ["step", "return", "wall_time_s"] and float(rows[1][2]) > 0 and rows[1][0] == "200" and 0 <= float(rows[1][1]) <= EPISODE * 2
     ckpt = torch.load(out / "agent.pt", weights_only=False)
     assert any(k.startswith("ensemble.members.7.") for k in ckpt["agent"])
     assert {k.split(".")[1] for k in ckpt["agent"] if k.startswith("slow_critics.")} == {"density", "disag"}
