@@ -64,6 +64,7 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -1129,20 +1130,20 @@ class Replay:
         """Load a replay saved at env step `step` (the checkpoint's); any other step is an error."""
         try:
             with np.load(path) as f:
-                saved = int(f["step"]) if "step" in f.files else None
-                if saved is not None and saved != step:
-                    raise ValueError(f"{path} was saved at step {saved} but agent.pt at step {step} (a save was "
-                                     f"interrupted between the two files): delete {path} to resume with an empty "
-                                     f"replay, or start the run again")
-                size = int(f["size"])
-                if size > self.capacity:
-                    raise ValueError(f"{path} holds {size} steps, more than --replay-capacity {self.capacity}")
-                for k in self.data:
-                    self.data[k][:size] = f[k]
-                self.size, self.ptr = size, int(f["ptr"]) % self.capacity if size == self.capacity else size
-        except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+                arrays = {k: f[k] for k in ["size", "ptr", *self.data, *(["step"] if "step" in f.files else [])]}
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated, not npz
             raise ValueError(f"{path} is not a readable replay ({type(e).__name__}: {e}); delete it to resume "
                              f"with an empty replay") from e
+        if "step" in arrays and int(arrays["step"]) != step:
+            raise ValueError(f"{path} was saved at step {int(arrays['step'])} but agent.pt at step {step} (a save "
+                             f"was interrupted between the two files): delete {path} to resume with an empty "
+                             f"replay, or start the run again")
+        size = int(arrays["size"])
+        if size > self.capacity:
+            raise ValueError(f"{path} holds {size} steps, more than --replay-capacity {self.capacity}")
+        for k in self.data:
+            self.data[k][:size] = arrays[k]
+        self.size, self.ptr = size, int(arrays["ptr"]) % self.capacity if size == self.capacity else size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -370,6 +370,7 @@ def test_replay_from_another_step_or_truncated_is_named(dmc_run, tmp_path):
     with pytest.raises(ValueError, match=f"saved at step {step - 20} but agent.pt at step {step}"):
         td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=step + 20))
     assert not (out / "replay.npz.tmp.npz").exists()
-    (out / "replay.npz").write_bytes((src / "replay.npz").read_bytes()[:5000])  # truncated
-    with pytest.raises(ValueError, match="replay.npz is not a readable replay"):
-        td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=step + 20))
+    for junk in [(src / "replay.npz").read_bytes()[:5000], os.urandom(5000)]:  # truncated; not an npz at all
+        (out / "replay.npz").write_bytes(junk)
+        with pytest.raises(ValueError, match="replay.npz is not a readable replay"):
+            td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=step + 20))
