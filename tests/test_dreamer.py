@@ -293,17 +293,43 @@ def test_task_reward_with_plan2explore_bonus():
         td.validate(td.Args(density_scale=1.0))
 
 
-def test_part1_checkpoint_still_loads(dmc_run, tmp_path):
+def test_checkpoint_from_before_the_viper_flags_still_loads(dmc_run, tmp_path):
     """agent.pt written before the VIPER flags existed (no reward_mode, scales ...) loads as the task agent."""
     out, _, _ = dmc_run
     ckpt = torch.load(out / "agent.pt", weights_only=False)
-    for key in ["reward_model", "reward_mode", "density_scale", "expl_scale", "task_reward_scale"]:
+    for key in ["reward_model", "reward_mode", "density_scale", "expl_scale", "task_reward_scale",
+                "reference_returns", "allow_new_task"]:
         del ckpt["args"][key]
     torch.save(ckpt, tmp_path / "old.pt")
     env = td.make_env("dmc_cartpole_balance", 0)
     policy = td.load_agent_policy(str(tmp_path / "old.pt"), env)
     assert set(policy.agent.critics) == {"task"} and policy.agent.ensemble is None
     assert policy(env.reset(seed=0)[0]).shape == (1,)
+
+
+def test_resume_from_a_checkpoint_and_replay_of_older_versions(dmc_run, tmp_path):
+    """A run started by an older version (no wall_time_s counter, no newer flags in its args, a replay.npz
+    without its step, uncompressed, and a 2-column eval.csv) resumes; run.json's wall time carries on."""
+    import json
+    import shutil
+
+    src, _, _ = dmc_run
+    out = tmp_path / "old"
+    shutil.copytree(src, out)
+    ckpt = torch.load(out / "agent.pt", weights_only=False)
+    for key in ["reference_returns", "allow_new_task"]:
+        del ckpt["args"][key]
+    del ckpt["counters"]["wall_time_s"]
+    torch.save(ckpt, out / "agent.pt")
+    step = ckpt["counters"]["step"]
+    with np.load(out / "replay.npz") as f:
+        np.savez(out / "replay.npz", **{k: f[k] for k in f.files if k != "step"})
+    (out / "eval.csv").write_text(f"step,return\n{step},100.0\n")
+    (out / "run.json").write_text(json.dumps({"command": "python train_viper_dreamer.py ...", "wall_time_s": 5000.0}))
+    agent, counters = td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, total_steps=step + 20))
+    assert counters["step"] == step + 20 and counters["wall_time_s"] > 5000.0
+    rows = read_eval(out / "eval.csv")
+    assert rows[0] == ["step", "return", "wall_time_s"] and rows[1] == [str(step), "100.0"] and len(rows) == 3
 
 
 # --- faults: NaN, Ctrl-C, a replay that does not belong to the checkpoint --------------------------
