@@ -559,6 +559,19 @@ def episode_viper_return(rm, frames, env_id, mode):
     return float(rm.compute_rewards(torch.from_numpy(np.ascontiguousarray(frames))[None], env_id, mode)[0, 1:].sum())
 
 
+def write_reference_csv(path, table):
+    """reference.csv: one row per behaviour (names hold commas: the csv module quotes them)."""
+    import csv
+
+    head = ["episodes", "viper_return_mean", "viper_return_std", "viper_reward_per_step", "true_return_mean",
+            "true_return_std", "viper_position", "true_position"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["behaviour", *head])
+        for name, t in table.items():
+            w.writerow([name, *(f"{t[h]:.2f}" if isinstance(t[h], float) else t[h] for h in head)])
+
+
 def eval_reference(args: ReferenceArgs):
     """Score expert, degraded and task-blind behaviour under the agent's exact reward (model, task label,
     mode): the horizontal lines the agent's VIPER return per episode is read against."""
@@ -626,12 +639,7 @@ def eval_reference(args: ReferenceArgs):
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "reference.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    head = ["behaviour", "episodes", "viper_return_mean", "viper_return_std", "viper_reward_per_step",
-            "true_return_mean", "true_return_std", "viper_position", "true_position"]
-    lines = [",".join(head)] + [",".join([k] + [f"{t[h]:.2f}" if isinstance(t[h], float) else str(t[h])
-                                                for h in head[1:]]) for k, t in table.items()]
-    with open(os.path.join(args.output_dir, "reference.csv"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_reference_csv(os.path.join(args.output_dir, "reference.csv"), table)
     print(f"{args.env_id}, {args.mode} VIPER reward of {args.reward_model}:")
     w = max(map(len, table))
     for k, t in table.items():

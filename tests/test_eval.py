@@ -1,4 +1,5 @@
 """eval.py: metrics against hand-computed examples, and clear errors for bad checkpoints."""
+import csv
 import json
 import os
 
@@ -205,7 +206,9 @@ def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
     labeler.reset(expert[0])
     expected = sum(labeler(f, 0.0)["density"] for f in expert[1:])
     assert table["expert (test split)"]["viper_return_mean"] == pytest.approx(expected, rel=1e-5)
-    assert (out / "reference.csv").read_text().splitlines()[0].startswith("behaviour,episodes,viper_return_mean")
+    with open(out / "reference.csv", newline="") as f:  # behaviour names with commas survive the csv
+        rows = list(csv.DictReader(f))
+    assert [r["behaviour"] for r in rows] == list(table) and float(rows[1]["true_return_mean"]) == 0.0
     # the agent reads it back for its tensorboard lines, only for the task and mode it was scored for
     refs = td.load_references(viper_args(tmp_path, model, reference_returns=str(out / "reference.json")))
     assert refs["zero_actions"] == table["zero actions"]["viper_return_mean"] and len(refs) == 6
