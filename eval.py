@@ -489,8 +489,8 @@ def eval_curves(args: CurvesArgs):
             for path in paths.split(","):
                 step, wall = time_to_target(read_eval_csv(path), read_eval_csv(path, "wall_time_s"), args.target)
                 when = ("not reached" if step is None else f"step {step}" +
-                        (f", {wall / 3600:.2f} h wall" if wall is not None else ""))
-                table += f"\n\n{label} ({path}): first eval >= {args.target:g} at {when}"
+                        (f" ({wall / 3600:.2f} h wall)" if wall is not None else ""))
+                table += f"\n\n{label} ({path}): first eval >= {args.target:g}: {when}"
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, c in curves.items():
         n = len(seeds[label])

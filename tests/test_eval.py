@@ -152,7 +152,7 @@ def test_time_to_target_reads_the_wall_time_column(tmp_path):
     assert ev.time_to_target(returns, walls, 650) == (20000, 3600.0)
     assert ev.time_to_target(returns, walls, 950) == (None, None)
     table = ev.eval_curves(ev.CurvesArgs(runs=[f"a={tmp_path / 'e.csv'}"], target=800, output=str(tmp_path / "c.png")))
-    assert table.endswith("first eval >= 800 at step 30000, 2.00 h wall")
+    assert table.endswith("first eval >= 800: step 30000 (2.00 h wall)")
 
 
 def test_eval_curves_mean_of_seeds(tmp_path):
