@@ -211,13 +211,20 @@ def load_checkpoint(path, kind):
     return ckpt
 
 
-def load_reward_model(path, cuda=True):
+def load_reward_model(path, cuda=True, task=None):
+    """videogpt.pt -> RewardModel; with `task`, exits with the known tasks if the model has no label for it."""
     import torch
 
     from train_videogpt import load_videogpt
 
     device = "cuda" if cuda and torch.cuda.is_available() else "cpu"
-    return load_videogpt(load_checkpoint(path, "videogpt"), device)
+    rm = load_videogpt(load_checkpoint(path, "videogpt"), device)
+    if task is not None:
+        try:
+            rm.labels(task)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    return rm
 
 
 def load_episode(path):
@@ -233,17 +240,22 @@ def load_episode(path):
         sys.exit(f"error: {path!r} is not a readable episode npz ({type(e).__name__}: {e})")
 
 
-def episode_files(data_dir, degraded_dir, task):
-    """{epsilon: [npz paths]} from the eps<e>_ prefixes of the degraded files. Epsilon 0 is the degraded
-    dir's eps0.0_ files when there are any (recorded from the same seeds as the other epsilons, so every
-    epsilon sees the same starts and goals: on reacher the goal position alone moves an episode's mean
-    reward by ~80 nats), else the expert test split of data_dir."""
+def degraded_files(degraded_dir, task):
+    """{epsilon: [npz paths]} from the eps<e>_ prefixes of the degraded files ({} without a degraded dir)."""
     out = defaultdict(list)
     if degraded_dir:
         for path in sorted(glob.glob(os.path.join(degraded_dir, task, "*", "eps*_*.npz"))):
             m = re.match(r"eps([0-9.]+)_", os.path.basename(path))
             if m:
                 out[float(m.group(1))].append(path)
+    return dict(sorted(out.items()))
+
+
+def episode_files(data_dir, degraded_dir, task):
+    """degraded_files, with epsilon 0 the degraded dir's eps0.0_ files when there are any (recorded from the
+    same seeds as the other epsilons, so every epsilon sees the same starts and goals: on reacher the goal
+    position alone moves an episode's mean reward by ~80 nats), else the expert test split of data_dir."""
+    out = defaultdict(list, degraded_files(degraded_dir, task))
     if not out[0.0]:
         out[0.0] = sorted(glob.glob(os.path.join(data_dir, task, "test", "*.npz")))
     return dict(sorted(out.items()))
@@ -583,20 +595,13 @@ def eval_reference(args: ReferenceArgs):
         sys.exit(f"error: --episodes must be >= 1, got {args.episodes}")
     if args.env_id not in cev.VALID_ENV_IDS:
         sys.exit(f"error: unknown --env-id {args.env_id!r}; valid ids: {', '.join(cev.VALID_ENV_IDS)}")
-    rm = load_reward_model(args.reward_model)
-    try:
-        rm.labels(args.env_id)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    rm = load_reward_model(args.reward_model, task=args.env_id)
     recorded = {}  # behaviour -> npz paths
     test = sorted(glob.glob(os.path.join(args.data_dir, args.env_id, "test", "*.npz")))
     if test:
         recorded["expert (test split)"] = test
-    if args.degraded_dir:
-        for path in sorted(glob.glob(os.path.join(args.degraded_dir, args.env_id, "*", "eps*_*.npz"))):
-            m = re.match(r"eps([0-9.]+)_", os.path.basename(path))
-            if m:
-                recorded.setdefault(f"expert, epsilon {float(m.group(1)):g}", []).append(path)
+    for eps, paths in degraded_files(args.degraded_dir, args.env_id).items():
+        recorded[f"expert, epsilon {eps:g}"] = paths
     if not recorded:
         sys.exit(f"error: no expert episodes in {os.path.join(args.data_dir, args.env_id, 'test')} "
                  f"nor degraded ones in {args.degraded_dir}: record some with collect_expert_videos.py")
@@ -681,11 +686,7 @@ def eval_heatmap(args: HeatmapArgs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rm = load_reward_model(args.reward_model)
-    try:
-        rm.labels(args.env_id)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    rm = load_reward_model(args.reward_model, task=args.env_id)
     sources = {"expert": sorted(glob.glob(os.path.join(args.data_dir, args.env_id, "test", "*.npz"))),
                "random": sorted(glob.glob(os.path.join(args.random_dir, args.env_id, "*", "*.npz")))}
     for name, paths in sources.items():

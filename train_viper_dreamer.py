@@ -1706,8 +1706,7 @@ def main(args: Args):
         rets, frames = evaluate(agent, eval_env, args.eval_episodes, seed=10_000)
         step_ = counters["step"]
         with open(csv_path, "a") as f:
-            wall = counters["wall_time_s"] + time.time() - t_wall[0]  # the run's wall time so far, over resumes
-            csv.writer(f).writerow([step_, f"{np.mean(rets):.2f}", f"{wall:.0f}"])
+            csv.writer(f).writerow([step_, f"{np.mean(rets):.2f}", f"{wall_before + time.time() - t_start:.0f}"])
         writer.add_scalar("eval/return", np.mean(rets), step_)
         writer.add_scalar("eval/return_std", np.std(rets), step_)
         writer.add_image("eval/episode", film_strip(frames), step_, dataformats="HWC")
@@ -1720,8 +1719,7 @@ def main(args: Args):
         return float(np.mean(rets))
 
     def checkpoint():
-        counters["wall_time_s"] += time.time() - t_wall[0]
-        t_wall[0] = time.time()
+        counters["wall_time_s"] = wall_before + time.time() - t_start  # the run's wall time, over resumes
         if args.save_replay:  # the replay first: a kill between the two files leaves a replay newer than
             replay.save(replay_path, counters["step"])  # agent.pt, which --resume detects by its step
         save_checkpoint(ckpt_path, agent, counters, args, act_dim, discrete)
@@ -1748,7 +1746,7 @@ def main(args: Args):
     obs, carry, ep_ret, ep_viper, ep_len = new_episode(), None, 0.0, 0.0, 0
     updates_per_step = args.train_ratio / (args.batch_size * args.batch_length)
     last_eval, t_log, step_log, upd_log, metrics = None, time.time(), counters["step"], counters["updates"], {}
-    t_start, reward_s_log, t_wall = time.time(), labeler.seconds, [time.time()]
+    t_start, reward_s_log, wall_before = time.time(), labeler.seconds, counters["wall_time_s"]
     bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"{name} {args.env_id}", smoothing=0.05)
     with deferred_sigint() as interrupted:  # Ctrl-C: finish this env step, save a checkpoint, exit cleanly
         while counters["step"] < args.total_steps and not interrupted:
