@@ -111,7 +111,7 @@ rows += [(f"VIPER agent true return ({steps} steps, {len(ag['returns'])} ep.)",
           f"{ag['mean_return']:.1f} +- {ag['std_return']:.1f}"),
          ("random policy true return (same seeds)", f"{rand:.1f}")]
 oracles = [json.load(open(p)) for p in sorted(glob.glob(f"results/{env}/*/run.json"))]
-oracles = [o for o in oracles if o.get("reward") == "task" and "final_return_mean" in o]
+oracles = [o for o in oracles if o.get("reward") == "task" and o.get("final_return_mean") is not None]
 for o in oracles:
     rows.append((f"task oracle, seed {o['seed']} ({o['env_steps']} steps)", f"{o['final_return_mean']:.1f}"))
 w = max(len(k) for k, _ in rows)
