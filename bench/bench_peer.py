@@ -16,8 +16,8 @@ ruamel.yaml, installed aside, not in the project:
     mkdir -p /work/peer/dreamerv3-torch && git --git-dir=<fetched bare repo of NM512/dreamerv3-torch> \\
         archive HEAD | tar -x -C /work/peer/dreamerv3-torch
     .venv/bin/python -m pip install --target /work/peer/site ruamel.yaml
-    PYTHONPATH=/work/peer/site OMP_NUM_THREADS=1 .venv/bin/python bench/bench_peer.py \\
-        --peer-dir /work/peer/dreamerv3-torch --sizes cpu S --reps 5
+    PYTHONPATH=/work/peer/site .venv/bin/python bench/bench_peer.py --peer-dir /work/peer/dreamerv3-torch \\
+        --sizes cpu --reps 20    # ~30 s; `--sizes S --reps 5`: ~5 min (an S update takes 10-25 s on one thread)
 """
 import os
 
