@@ -44,13 +44,14 @@ stage 1 "expert, degraded and random videos of $ENV"
 if [ -d "$DATA/experts/$ENV/test" ] && [ -d "$DATA/random/$ENV" ]; then
     echo "found $DATA/experts/$ENV and $DATA/random/$ENV: skipped (delete them to record again)"
 else
-    $PY collect_expert_videos.py --env-id $ENV --num-episodes $EPISODES --test-fraction 0.1 --out-dir $DATA/experts
+    $PY collect_expert_videos.py --env-id $ENV --num-episodes $EPISODES --seed 0 --test-fraction 0.1 \
+        --output-dir $DATA/experts
     for EPS in 0.0 0.25 0.5 0.75 1.0; do  # same seeds for every epsilon: paired episodes
         $PY collect_expert_videos.py --env-id $ENV --num-episodes 4 --epsilon $EPS --seed 1000 \
-            --test-fraction 0 --prefix "eps${EPS}_" --out-dir $DATA/degraded
+            --test-fraction 0 --prefix "eps${EPS}_" --output-dir $DATA/degraded
     done
     $PY collect_expert_videos.py --env-id $ENV --policy random --num-episodes 4 --seed 2000 --test-fraction 0 \
-        --out-dir $DATA/random
+        --output-dir $DATA/random
 fi
 
 stage 2 "VQ-GAN tokenizer, $VQGAN_STEPS steps -> $RUNS/vqgan/vqgan.pt"
