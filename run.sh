@@ -56,7 +56,7 @@ fi
 
 stage 2 "VQ-GAN tokenizer, $VQGAN_STEPS steps -> $RUNS/vqgan/vqgan.pt"
 $PY train_vqgan.py --data-dir $DATA/experts --tasks $ENV --threads 1 \
-    --base-channels 16 --channel-mult 1 2 4 4 --disc-channels 32 --batch-size 16 --lr 1e-3 \
+    --base-channels 16 --channel-mult 1 2 4 4 --disc-channels 32 --batch-size 16 --learning-rate 1e-3 \
     --warmup-steps 100 --dead-code-steps 50 --total-steps $VQGAN_STEPS --disc-start $(( VQGAN_STEPS * 6 / 10 )) \
     --eval-every $(( VQGAN_STEPS / 2 )) --output-dir $RUNS/vqgan $(resume_if $RUNS/vqgan/checkpoint.pt)
 

@@ -723,7 +723,7 @@ def main(args: Args):
     nonfinite = [k for k, v in vqgan_ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
         raise ValueError(f"--vqgan {args.vqgan!r} has non-finite (NaN/inf) weights ({', '.join(nonfinite[:3])}, ...): "
-                         f"its training diverged; retrain it (train_vqgan.py with a lower --lr)")
+                         f"its training diverged; retrain it (train_vqgan.py with a lower --learning-rate)")
     vqgan_hash = weights_hash(vqgan_ckpt["model"])  # the codes' meaning: recorded, and checked on --resume
     vqgan = load_vqgan(vqgan_ckpt, device)
     image_size, token_hw, vocab = vqgan_ckpt["image_size"], tuple(vqgan_ckpt["token_hw"]), vqgan_ckpt["codebook_size"]

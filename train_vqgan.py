@@ -49,7 +49,7 @@ non-finite (NaN/inf) loss stops the run before it reaches the weights or a check
 Examples:
     python train_vqgan.py --data-dir data                    # paper size (GPU)
     python train_vqgan.py --data-dir data --threads 1 --base-channels 16 --channel-mult 1 2 4 4 \
-        --disc-channels 32 --batch-size 16 --lr 1e-3 --warmup-steps 100 --dead-code-steps 50 \
+        --disc-channels 32 --batch-size 16 --learning-rate 1e-3 --warmup-steps 100 --dead-code-steps 50 \
         --total-steps 2500 --disc-start 1500 --eval-every 500   # CPU size, ~20 min on one core
     torchrun --nproc_per_node 4 train_vqgan.py --data-dir data   # DistributedDataParallel
 """
@@ -110,7 +110,7 @@ class Args:
     """optimiser updates to train for (VIPER's DMC config: 1M)"""
     batch_size: int = 128
     """frames per update and process (under torchrun the global batch is this x processes)"""
-    lr: float = 1e-4
+    learning_rate: float = 1e-4
     """peak learning rate of both AdamW optimisers"""
     warmup_steps: int = 1000
     """linear learning-rate warm-up from 0"""
@@ -429,7 +429,7 @@ def check_finite(step: int, **values):
     bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
     if bad:
         raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
-                                 f"last checkpoint is kept); try a lower --lr")
+                                 f"last checkpoint is kept); try a lower --learning-rate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,8 +490,8 @@ def main(args: Args) -> dict:
     disc = PatchDiscriminator(args.disc_channels).to(device)
     perceptual = VGGPerceptual(args.perceptual_weights).to(device) if args.perceptual_weights else None
     model = DDP(vqgan, device_ids=[device.index] if use_cuda else None) if distributed else vqgan
-    opt = torch.optim.AdamW(vqgan.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(vqgan.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     last_used = torch.zeros(args.codebook_size, dtype=torch.long, device=device)  # step a code was last picked
     start_step = 0
     if args.resume:
@@ -558,7 +558,7 @@ def main(args: Args) -> dict:
             rng = np.random.default_rng((args.seed, rank, step))
             x = train_frames[rng.integers(0, len(train_frames), args.batch_size)].to(device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+            lr = args.learning_rate * min(1.0, (step + 1) / args.warmup_steps)
             for group in opt.param_groups + d_opt.param_groups:
                 group["lr"] = lr
             use_gan = step >= args.disc_start
