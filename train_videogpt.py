@@ -492,12 +492,63 @@ def load_videogpt(ckpt, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: find episodes, tokenise them once, draw clips.
-VIDEO_EXTS = (".npz", ".mp4", ".avi")
+# Data: read episode files (and write checkpoints), find episodes, tokenise them once, draw clips.
+# ==== FILES: copied verbatim from train_vqgan.py into train_videogpt.py; tests/test_parity.py keeps the copies identical ====
+VIDEO_EXTENSIONS = (".npz", ".mp4", ".avi")
+
+
+def read_video(path: str, image_size: int) -> np.ndarray:
+    """One episode file -> uint8 [T, image_size, image_size, 3] RGB; errors name the file."""
+    import cv2
+
+    if path.endswith(".npz"):
+        try:
+            with np.load(path) as f:
+                video = f["video"]
+        except Exception as e:  # corrupt zip, missing key, pickled object ...
+            if "pickled" in str(e):  # np.load's guess for a file that is neither .npz nor .npy
+                raise ValueError(f"cannot read 'video' from {path}: not a numpy .npz archive (corrupt or another "
+                                 f"format)") from e
+            raise ValueError(f"cannot read 'video' from {path}: {type(e).__name__}: {e}") from e
+    else:
+        cap, frames = cv2.VideoCapture(path), []
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        cap.release()
+        if not frames:
+            raise ValueError(f"OpenCV could not decode any frame of {path}")
+        video = np.stack(frames)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or len(video) == 0:
+        raise ValueError(f"{path}: expected video uint8 [T,H,W,3] with T > 0, got {video.dtype} {video.shape}")
+    if video.shape[1:3] != (image_size, image_size):
+        video = np.stack([cv2.resize(f, (image_size, image_size), interpolation=cv2.INTER_AREA) for f in video])
+    return video
+
+
+def atomic_save(obj, path: str):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_finite(step: int, **values):
+    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
+    every weight into NaN, and the next save would write them over the last good checkpoint."""
+    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
+    if bad:
+        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
+                                 f"last checkpoint is kept); try a lower --learning-rate")
+# ==== END FILES ====
+
+
 VQGAN_KEYS = ("kind", "args", "model", "image_size", "token_hw", "codebook_size", "embed_dim", "channel_mult", "tasks",
               "step")  # what vqgan.pt holds: no optimiser state goes into videogpt.pt
 
 
+# not train_vqgan.find_tasks on purpose: clips come from train/ only, and sorted tasks fix the class labels
 def list_tasks(data_dir, tasks=None):
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data dir {data_dir!r} does not exist")
@@ -518,36 +569,8 @@ def list_episodes(root, task, splits):
         folder = os.path.join(root, task, split)
         if os.path.isdir(folder):
             files += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-                      if f.endswith(VIDEO_EXTS) and not f.endswith(".tmp.npz")]
+                      if f.endswith(VIDEO_EXTENSIONS) and not f.endswith(".tmp.npz")]
     return files
-
-
-def read_video(path, image_size):
-    """uint8 [T, image_size, image_size, 3] from an .npz (key `video`) or an .mp4/.avi file."""
-    import cv2
-
-    try:
-        if path.endswith(".npz"):
-            with np.load(path) as f:
-                video = f["video"]
-        else:
-            cap, frames = cv2.VideoCapture(path), []
-            while True:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-            cap.release()
-            video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
-    except Exception as e:
-        if "pickled" in str(e):  # np.load's guess for a file that is neither .npz nor .npy
-            raise ValueError(f"cannot read video file {path}: not a numpy .npz archive (corrupt or another format)") from e
-        raise ValueError(f"cannot read video file {path}: {e}") from e
-    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or len(video) == 0:
-        raise ValueError(f"{path}: expected uint8 video [T, H, W, 3], got {video.dtype} {video.shape}")
-    if video.shape[1:3] != (image_size, image_size):
-        video = np.stack([cv2.resize(f, (image_size, image_size), interpolation=cv2.INTER_AREA) for f in video])
-    return video
 
 
 def weights_hash(state_dict):
@@ -604,27 +627,12 @@ class ClipSampler:
 
 # ---------------------------------------------------------------------------------------------------------
 # Utilities
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def make_checkpoint(args, ema_model, class_map, token_hw, vqgan_ckpt, step, tasks=None, vqgan_hash=None):
     """The self-contained videogpt.pt dict. tasks: the sorted task folders it was trained on (also for an
     unconditional model); vqgan_hash: weights_hash of the tokenizer. Readers treat both as optional (older files)."""
     return {"kind": "videogpt", "args": asdict(args), "model": ema_model.state_dict(), "class_map": class_map,
             "seq_len": args.seq_len, "frame_skip": args.frame_skip, "token_hw": tuple(token_hw),
             "vqgan": vqgan_ckpt, "step": step, "tasks": tasks, "vqgan_hash": vqgan_hash}
-
-
-def check_finite(step, **values):
-    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
-    every weight into NaN, and the next save would write them over the last good checkpoint."""
-    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
-    if bad:
-        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
-                                 f"last checkpoint is kept); try a lower --learning-rate")
 
 
 def unigram_entropy(codes_list, vocab_size):
@@ -749,7 +757,7 @@ def main(args: Args):
                              f"whose weights differ from those of --vqgan {args.vqgan!r} now: resume with the "
                              f"vqgan.pt it was trained with, or choose another --output-dir")
     if not files["train"]:
-        raise FileNotFoundError(f"no {VIDEO_EXTS} files in {args.data_dir}/<task>/train/ for tasks {tasks}")
+        raise FileNotFoundError(f"no {VIDEO_EXTENSIONS} files in {args.data_dir}/<task>/train/ for tasks {tasks}")
     cache_path = os.path.join(out_dir, "tokens.pt")
     all_files = [p for s in ("train", "test") for _, p in files[s]]
     if is_main:

@@ -268,8 +268,9 @@ def load_vqgan(ckpt, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# Data and checkpoint files
 # ---------------------------------------------------------------------------------------------
+# ==== FILES: copied verbatim from train_vqgan.py into train_videogpt.py; tests/test_parity.py keeps the copies identical ====
 VIDEO_EXTENSIONS = (".npz", ".mp4", ".avi")
 
 
@@ -304,6 +305,23 @@ def read_video(path: str, image_size: int) -> np.ndarray:
     return video
 
 
+def atomic_save(obj, path: str):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_finite(step: int, **values):
+    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
+    every weight into NaN, and the next save would write them over the last good checkpoint."""
+    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
+    if bad:
+        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
+                                 f"last checkpoint is kept); try a lower --learning-rate")
+# ==== END FILES ====
+
+
+# not train_videogpt.list_tasks on purpose: no class labels here, so --tasks keep their order (batches follow it)
 def find_tasks(data_dir: str, tasks) -> list:
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data dir {data_dir!r} does not exist")
@@ -415,21 +433,6 @@ def image_grid(originals: torch.Tensor, recons: torch.Tensor, task_ids: np.ndarr
                           for t in np.unique(task_ids)])
     return np.concatenate([np.concatenate(list(originals[idx].numpy()), 1),
                            np.concatenate(list(recons[idx].numpy()), 1)], 0)
-
-
-def atomic_save(obj, path: str):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def check_finite(step: int, **values):
-    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
-    every weight into NaN, and the next save would write them over the last good checkpoint."""
-    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
-    if bad:
-        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
-                                 f"last checkpoint is kept); try a lower --learning-rate")
 
 
 # ---------------------------------------------------------------------------------------------
