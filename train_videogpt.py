@@ -78,7 +78,9 @@ class Args:
     seed: int = 1
     """seed of weights, clip draws and dropout"""
     cuda: bool = True
-    """use the GPU when one is available (bf16 autocast only on CUDA)"""
+    """use CUDA when available (bf16 autocast there; fp32 on CPU)"""
+    threads: int = 0
+    """torch CPU threads per process (0: torch's default, which follows OMP_NUM_THREADS)"""
     resume: bool = False
     """continue from <output-dir>/videogpt_resume.pt"""
 
@@ -691,6 +693,8 @@ def main(args: Args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     is_main = rank == 0
     if args.resume and not args.output_dir:
         raise ValueError("--resume needs the --output-dir of the run to continue")

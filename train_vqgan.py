@@ -127,9 +127,9 @@ class Args:
     seed: int = 1
     """seed of the weights and of the batch sampling"""
     cuda: bool = True
-    """use the GPU when one is available (bf16 autocast there; fp32 on CPU)"""
+    """use CUDA when available (bf16 autocast there; fp32 on CPU)"""
     threads: int = 0
-    """torch CPU threads per process (0: torch's default)"""
+    """torch CPU threads per process (0: torch's default, which follows OMP_NUM_THREADS)"""
     output_dir: Optional[str] = None
     """where checkpoints, tensorboard logs and images go (default: runs/<run_name>)"""
     resume: bool = False
