@@ -55,17 +55,15 @@ else
 fi
 
 stage 2 "VQ-GAN tokenizer, $VQGAN_STEPS steps -> $RUNS/vqgan/vqgan.pt"
-$PY train_vqgan.py --data-dir $DATA/experts --tasks $ENV --threads 1 \
-    --base-channels 16 --channel-mult 1 2 4 4 --disc-channels 32 --batch-size 16 --learning-rate 1e-3 \
-    --warmup-steps 100 --dead-code-steps 50 --total-steps $VQGAN_STEPS --disc-start $(( VQGAN_STEPS * 6 / 10 )) \
-    --eval-every $(( VQGAN_STEPS / 2 )) --output-dir $RUNS/vqgan $(resume_if $RUNS/vqgan/checkpoint.pt)
+# stages 2 and 3 train the scripts' default `--size cpu` recipes; the mode scales their steps and eval cadence
+$PY train_vqgan.py --data-dir $DATA/experts --tasks $ENV --threads 1 --total-steps $VQGAN_STEPS \
+    --disc-start $(( VQGAN_STEPS * 6 / 10 )) --eval-every $(( VQGAN_STEPS / 2 )) --output-dir $RUNS/vqgan \
+    $(resume_if $RUNS/vqgan/checkpoint.pt)
 
 stage 3 "VideoGPT reward model, $VIDEOGPT_STEPS steps -> $RUNS/videogpt/videogpt.pt"
 $PY train_videogpt.py --vqgan $RUNS/vqgan/vqgan.pt --data-dir $DATA/experts --tasks $ENV --class-cond \
-    --random-data-dir $DATA/random --width 128 --num-layers 4 --num-heads 4 --mlp-dim 512 --seq-len 4 \
-    --frame-skip 1 --batch-size 16 --learning-rate 1e-3 --warmup-steps 100 --total-steps $VIDEOGPT_STEPS \
-    --eval-every $(( VIDEOGPT_STEPS / 3 )) --eval-clips 64 --sample-every $VIDEOGPT_STEPS \
-    --output-dir $RUNS/videogpt --no-cuda $(resume_if $RUNS/videogpt/videogpt_resume.pt)
+    --random-data-dir $DATA/random --total-steps $VIDEOGPT_STEPS --eval-every $(( VIDEOGPT_STEPS / 3 )) \
+    --sample-every $VIDEOGPT_STEPS --output-dir $RUNS/videogpt --no-cuda $(resume_if $RUNS/videogpt/videogpt_resume.pt)
 
 stage 4 "does the reward mean the task? (eval.py reward)"
 $PY eval.py reward --reward-model $RUNS/videogpt/videogpt.pt --data-dir $DATA/experts --degraded-dir $DATA/degraded \

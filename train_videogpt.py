@@ -7,7 +7,7 @@ videos finds the agent's own frames. This script trains that video model.
    is turned into discrete codes once by the frozen VQ-GAN of `train_vqgan.py` (`--vqgan`), and the codes
    are cached in `<output-dir>/tokens.pt` (keyed by the file list and the VQ-GAN weights), so training
    costs the transformer only. A training clip is `--seq-len` frames taken every `--frame-skip` frames
-   from a uniformly random offset (paper DMC checkpoints: 16x1, 8x2, 4x4; Atari: 4x4).
+   from a uniformly random offset (paper DMC checkpoints: 16x1, 8x2, 4x4; Atari: 4x4; cpu recipe: 4x1).
 2. Model (VideoGPT as used by VIPER). The clip's L x h x w codes are flattened in (time, row, col)
    order into one sequence; a causal, pre-LayerNorm transformer predicts every token from the ones
    before it. The input is shifted right by one with a learned start token in front. Positions get a
@@ -34,24 +34,30 @@ At the end the script prints held-out NLL per token next to the unigram entropy 
 task, the mean conditional reward of held-out expert episodes and (with `--random-data-dir`) of random
 episodes, with the per-window AUROC expert vs random.
 
+`--size` picks one of two recipes (PRESETS, below Args; a flag given explicitly overrides its preset value):
+`cpu` (the default, measured on 2 CPU cores; `bash run.sh full` trains it): 4-frame clips, width 128, 4 layers,
+4 heads, MLP 512, batch 16, lr 1e-3 with 100 warm-up steps, 1,500 steps; `paper` (VIPER's DMC size): 16-frame
+clips, width 256, 8 layers, 8 heads, MLP 1024, batch 32, lr 3e-4 with 1000 warm-up steps, 100k steps.
+`--size paper --width 512 --mlp-dim 2048 --seq-len 4 --frame-skip 4` is the Atari setting.
+
 Examples:
-    python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond   # paper DMC size (GPU)
-    OMP_NUM_THREADS=1 python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond \\
-        --random-data-dir data/random --width 128 --num-layers 4 --num-heads 4 --mlp-dim 512 --seq-len 4 \\
-        --batch-size 16 --learning-rate 1e-3 --warmup-steps 100 --total-steps 1500 --eval-every 100 \\
-        --eval-clips 128 --sample-every 500 --no-cuda                        # CPU size, ~25-30 min on one core
-    torchrun --nproc_per_node 4 train_videogpt.py ...                        # DistributedDataParallel
+    python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond \\
+        --random-data-dir data/random --threads 1 --no-cuda                  # cpu recipe, ~20 min on one core
+    python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond --size paper   # GPU
+    torchrun --nproc_per_node 4 train_videogpt.py --size paper ...          # DistributedDataParallel
 """
 
+import argparse
 import copy
 import gc
 import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import torch
@@ -64,6 +70,9 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    size: Literal["cpu", "paper"] = "cpu"
+    """recipe whose values (PRESETS) are the defaults of the flags below: cpu (measured on 2 CPU cores) or paper
+    (VIPER's DMC size); `--size paper --help` shows its values"""
     vqgan: str = "runs/vqgan/vqgan.pt"
     """vqgan.pt written by train_vqgan.py (frozen tokenizer; copied whole into videogpt.pt)"""
     data_dir: str = "data/experts"
@@ -85,33 +94,33 @@ class Args:
     """continue from <output-dir>/videogpt_resume.pt"""
 
     # clips
-    seq_len: int = 16
-    """frames per clip L (paper DMC: 16; the window length of the reward)"""
+    seq_len: int = 4
+    """frames per clip L (the window length of the reward)"""
     frame_skip: int = 1
     """k: a clip takes every k-th frame (paper DMC: 1)"""
     class_cond: bool = False
     """condition on the task (folder name); required for one model over several tasks"""
 
-    # model (defaults: the paper's DMC size; Atari: 512/8/8/2048)
-    width: int = 256
+    # model
+    width: int = 128
     """transformer width (embedding size)"""
-    num_layers: int = 8
+    num_layers: int = 4
     """number of transformer blocks"""
-    num_heads: int = 8
+    num_heads: int = 4
     """attention heads per block"""
-    mlp_dim: int = 1024
+    mlp_dim: int = 512
     """hidden size of each block's MLP"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches"""
 
     # optimisation
-    total_steps: int = 100_000
+    total_steps: int = 1500
     """optimiser steps"""
-    batch_size: int = 32
+    batch_size: int = 16
     """clips per step, split evenly over torchrun processes"""
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     """peak AdamW learning rate (after warm-up; cosine decay to 10% of it at --total-steps)"""
-    warmup_steps: int = 1000
+    warmup_steps: int = 100
     """linear learning-rate warm-up steps"""
     weight_decay: float = 0.01
     """AdamW weight decay on weight matrices and embeddings (not on biases, LayerNorm gains, start token)"""
@@ -121,12 +130,30 @@ class Args:
     """decay of the weight EMA used for evaluation, sampling and the checkpoint"""
 
     # logging
-    eval_every: int = 1000
+    eval_every: int = 500
     """steps between held-out NLL evaluations and checkpoints"""
-    eval_clips: int = 256
+    eval_clips: int = 64
     """held-out clips (fixed) for the NLL evaluation"""
-    sample_every: int = 5000
+    sample_every: int = 1500
     """steps between open-loop sample grids in tensorboard (1 context frame -> seq-len frames)"""
+
+
+# The two recipes (--size): only the flags that differ. Args' own defaults are the cpu recipe.
+PRESETS = {
+    "cpu": dict(seq_len=4, width=128, num_layers=4, num_heads=4, mlp_dim=512, batch_size=16, learning_rate=1e-3,
+                warmup_steps=100, total_steps=1500, eval_every=500, eval_clips=64, sample_every=1500),
+    "paper": dict(seq_len=16, width=256, num_layers=8, num_heads=8, mlp_dim=1024, batch_size=32, learning_rate=3e-4,
+                  warmup_steps=1000, total_steps=100_000, eval_every=1000, eval_clips=256, sample_every=5000),
+}
+
+
+def parse_args(argv=None) -> Args:
+    """tyro.cli with the --size recipe as the defaults: --help prints its values, explicit flags override them."""
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    peek.add_argument("--size", default="cpu")
+    size = peek.parse_known_args(sys.argv[1:] if argv is None else argv)[0].size
+    size = size if size in PRESETS else "cpu"  # tyro names the bad value
+    return tyro.cli(Args, default=Args(size=size, **PRESETS[size]), args=argv)
 
 
 # ==== VQGAN: copied verbatim into train_videogpt.py and train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
@@ -934,4 +961,4 @@ def final_report(args, reward_model, tasks, files, codes, eval_clips, entropy, o
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())
