@@ -46,7 +46,7 @@ class Args:
     """probability of replacing each action with a uniformly random one (degraded demonstrations)"""
     seed: int = 1
     """seed of episode i is seed + i; also seeds the epsilon and random-policy draws"""
-    output_dir: str = "data"
+    output_dir: str = "data/experts"
     """episodes go to <output-dir>/<env-id>/{train,test}/"""
     test_fraction: float = 0.1
     """share of episodes written to test/ (the last ones); at least one when > 0 and num_episodes > 1"""

@@ -80,7 +80,7 @@ class Args:
     size: Literal["cpu", "paper"] = "cpu"
     """recipe whose values (PRESETS) are the defaults of the flags below: cpu (measured on 2 CPU cores) or paper
     (VIPER's DMC settings); `--size paper --help` shows its values"""
-    data_dir: str = "data"
+    data_dir: str = "data/experts"
     """folder holding <task>/{train,test}/ episode files (*.npz with key `video`, *.mp4, *.avi)"""
     tasks: Tuple[str, ...] = ()
     """task folders of --data-dir to train on (default: every folder that has train/ or test/)"""
