@@ -8,7 +8,7 @@ frame the agent would see is recorded.
 Output, one file per episode (written to a temporary name, then renamed, so an
 interrupted run never leaves a partial episode):
 
-    <out-dir>/<env-id>/{train,test}/<episode>.npz
+    <output-dir>/<env-id>/{train,test}/<episode>.npz
         video  uint8   [T, 64, 64, 3]  frame 0 is the reset observation
         action float32 [T, A] (DMC) or int64 [T] (Atari); action[t] led to frame t, action[0] = 0
         reward float32 [T]              reward[t] is received on arriving at frame t, reward[0] = 0
@@ -44,10 +44,10 @@ class Args:
     """number of episodes to record"""
     epsilon: float = 0.0
     """probability of replacing each action with a uniformly random one (degraded demonstrations)"""
-    seed: int = 0
+    seed: int = 1
     """seed of episode i is seed + i; also seeds the epsilon and random-policy draws"""
-    out_dir: str = "data"
-    """episodes go to <out-dir>/<env-id>/{train,test}/"""
+    output_dir: str = "data/experts"
+    """episodes go to <output-dir>/<env-id>/{train,test}/"""
     test_fraction: float = 0.1
     """share of episodes written to test/ (the last ones); at least one when > 0 and num_episodes > 1"""
     prefix: str = ""
@@ -466,7 +466,7 @@ def main(args: Args):
     num_test = 0
     if args.test_fraction > 0 and args.num_episodes > 1:
         num_test = max(1, int(round(args.num_episodes * args.test_fraction)))
-    out = os.path.join(args.out_dir, args.env_id)
+    out = os.path.join(args.output_dir, args.env_id)
     try:  # fail before any simulation if the output folder cannot be written
         for split in ("train", "test"):
             os.makedirs(os.path.join(out, split), exist_ok=True)

@@ -50,7 +50,7 @@ class RewardArgs:
     output_dir: str = "runs/eval_reward"
     """where summary.json and the PNG plots go"""
     cuda: bool = True
-    """use a GPU when one is available"""
+    """use CUDA when available"""
 
 
 @dataclass
@@ -60,7 +60,7 @@ class AgentArgs:
     num_episodes: int = 10
     """episodes to run with the true task reward"""
     seed: int = 10_000
-    """episode i uses seed + i (kept away from training seeds)"""
+    """env seed of the first evaluation episode, not a run seed: episode i uses seed + i (away from training seeds)"""
     output_dir: str = "runs/eval_agent"
     """where summary.json and episodes.gif go"""
     gif_episodes: int = 1
@@ -86,8 +86,8 @@ class SamplesArgs:
     """frames to predict (default: the model's sequence length minus the context)"""
     temperature: float = 1.0
     """sampling temperature"""
-    seed: int = 0
-    """sampling seed"""
+    seed: int = 1
+    """seed of the context draw and of the sampling"""
     output_dir: str = "runs/eval_samples"
     """where samples.gif goes"""
 
@@ -127,7 +127,7 @@ class ReferenceArgs:
     episodes: int = 4
     """episodes rolled out per fixed behaviour (random, zero and constant actions)"""
     seed: int = 10_000
-    """episode i of each rolled-out behaviour starts from env seed seed + i (default: the agent's eval seeds)"""
+    """env seed of the first episode per behaviour, not a run seed: episode i uses seed + i (agent eval seeds)"""
     output_dir: str = "runs/eval_reference"
     """where reference.json and reference.csv go (pass reference.json to train_viper_dreamer.py
     --reference-returns and to eval.py episodes)"""

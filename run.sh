@@ -44,27 +44,26 @@ stage 1 "expert, degraded and random videos of $ENV"
 if [ -d "$DATA/experts/$ENV/test" ] && [ -d "$DATA/random/$ENV" ]; then
     echo "found $DATA/experts/$ENV and $DATA/random/$ENV: skipped (delete them to record again)"
 else
-    $PY collect_expert_videos.py --env-id $ENV --num-episodes $EPISODES --test-fraction 0.1 --out-dir $DATA/experts
+    $PY collect_expert_videos.py --env-id $ENV --num-episodes $EPISODES --seed 0 --test-fraction 0.1 \
+        --output-dir $DATA/experts
     for EPS in 0.0 0.25 0.5 0.75 1.0; do  # same seeds for every epsilon: paired episodes
         $PY collect_expert_videos.py --env-id $ENV --num-episodes 4 --epsilon $EPS --seed 1000 \
-            --test-fraction 0 --prefix "eps${EPS}_" --out-dir $DATA/degraded
+            --test-fraction 0 --prefix "eps${EPS}_" --output-dir $DATA/degraded
     done
     $PY collect_expert_videos.py --env-id $ENV --policy random --num-episodes 4 --seed 2000 --test-fraction 0 \
-        --out-dir $DATA/random
+        --output-dir $DATA/random
 fi
 
 stage 2 "VQ-GAN tokenizer, $VQGAN_STEPS steps -> $RUNS/vqgan/vqgan.pt"
-$PY train_vqgan.py --data-dir $DATA/experts --tasks $ENV --threads 1 \
-    --base-channels 16 --channel-mult 1 2 4 4 --disc-channels 32 --batch-size 16 --lr 1e-3 \
-    --warmup-steps 100 --dead-code-steps 50 --total-steps $VQGAN_STEPS --disc-start $(( VQGAN_STEPS * 6 / 10 )) \
-    --eval-every $(( VQGAN_STEPS / 2 )) --output-dir $RUNS/vqgan $(resume_if $RUNS/vqgan/checkpoint.pt)
+# stages 2 and 3 train the scripts' default `--size cpu` recipes; the mode scales their steps and eval cadence
+$PY train_vqgan.py --data-dir $DATA/experts --tasks $ENV --threads 1 --total-steps $VQGAN_STEPS \
+    --disc-start $(( VQGAN_STEPS * 6 / 10 )) --eval-every $(( VQGAN_STEPS / 2 )) --output-dir $RUNS/vqgan \
+    $(resume_if $RUNS/vqgan/checkpoint.pt)
 
 stage 3 "VideoGPT reward model, $VIDEOGPT_STEPS steps -> $RUNS/videogpt/videogpt.pt"
 $PY train_videogpt.py --vqgan $RUNS/vqgan/vqgan.pt --data-dir $DATA/experts --tasks $ENV --class-cond \
-    --random-data-dir $DATA/random --width 128 --num-layers 4 --num-heads 4 --mlp-dim 512 --seq-len 4 \
-    --frame-skip 1 --batch-size 16 --learning-rate 1e-3 --warmup-steps 100 --total-steps $VIDEOGPT_STEPS \
-    --eval-every $(( VIDEOGPT_STEPS / 3 )) --eval-clips 64 --sample-every $VIDEOGPT_STEPS \
-    --output-dir $RUNS/videogpt --no-cuda $(resume_if $RUNS/videogpt/videogpt_resume.pt)
+    --random-data-dir $DATA/random --total-steps $VIDEOGPT_STEPS --eval-every $(( VIDEOGPT_STEPS / 3 )) \
+    --sample-every $VIDEOGPT_STEPS --output-dir $RUNS/videogpt --no-cuda $(resume_if $RUNS/videogpt/videogpt_resume.pt)
 
 stage 4 "does the reward mean the task? (eval.py reward)"
 $PY eval.py reward --reward-model $RUNS/videogpt/videogpt.pt --data-dir $DATA/experts --degraded-dir $DATA/degraded \

@@ -7,7 +7,7 @@ videos finds the agent's own frames. This script trains that video model.
    is turned into discrete codes once by the frozen VQ-GAN of `train_vqgan.py` (`--vqgan`), and the codes
    are cached in `<output-dir>/tokens.pt` (keyed by the file list and the VQ-GAN weights), so training
    costs the transformer only. A training clip is `--seq-len` frames taken every `--frame-skip` frames
-   from a uniformly random offset (paper DMC checkpoints: 16x1, 8x2, 4x4; Atari: 4x4).
+   from a uniformly random offset (paper DMC checkpoints: 16x1, 8x2, 4x4; Atari: 4x4; cpu recipe: 4x1).
 2. Model (VideoGPT as used by VIPER). The clip's L x h x w codes are flattened in (time, row, col)
    order into one sequence; a causal, pre-LayerNorm transformer predicts every token from the ones
    before it. The input is shifted right by one with a learned start token in front. Positions get a
@@ -34,24 +34,30 @@ At the end the script prints held-out NLL per token next to the unigram entropy 
 task, the mean conditional reward of held-out expert episodes and (with `--random-data-dir`) of random
 episodes, with the per-window AUROC expert vs random.
 
+`--size` picks one of two recipes (PRESETS, below Args; a flag given explicitly overrides its preset value):
+`cpu` (the default, measured on 2 CPU cores; `bash run.sh full` trains it): 4-frame clips, width 128, 4 layers,
+4 heads, MLP 512, batch 16, lr 1e-3 with 100 warm-up steps, 1,500 steps; `paper` (VIPER's DMC size): 16-frame
+clips, width 256, 8 layers, 8 heads, MLP 1024, batch 32, lr 3e-4 with 1000 warm-up steps, 100k steps.
+`--size paper --width 512 --mlp-dim 2048 --seq-len 4 --frame-skip 4` is the Atari setting.
+
 Examples:
-    python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond   # paper DMC size (GPU)
-    OMP_NUM_THREADS=1 python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond \\
-        --random-data-dir data/random --width 128 --num-layers 4 --num-heads 4 --mlp-dim 512 --seq-len 4 \\
-        --batch-size 16 --learning-rate 1e-3 --warmup-steps 100 --total-steps 1500 --eval-every 100 \\
-        --eval-clips 128 --sample-every 500 --no-cuda                        # CPU size, ~25-30 min on one core
-    torchrun --nproc_per_node 4 train_videogpt.py ...                        # DistributedDataParallel
+    python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond \\
+        --random-data-dir data/random --threads 1 --no-cuda                  # cpu recipe, ~20 min on one core
+    python train_videogpt.py --vqgan runs/vqgan/vqgan.pt --data-dir data/experts --class-cond --size paper   # GPU
+    torchrun --nproc_per_node 4 train_videogpt.py --size paper ...          # DistributedDataParallel
 """
 
+import argparse
 import copy
 import gc
 import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import numpy as np
 import torch
@@ -64,6 +70,9 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    size: Literal["cpu", "paper"] = "cpu"
+    """recipe whose values (PRESETS) are the defaults of the flags below: cpu (measured on 2 CPU cores) or paper
+    (VIPER's DMC size); `--size paper --help` shows its values"""
     vqgan: str = "runs/vqgan/vqgan.pt"
     """vqgan.pt written by train_vqgan.py (frozen tokenizer; copied whole into videogpt.pt)"""
     data_dir: str = "data/experts"
@@ -78,38 +87,40 @@ class Args:
     seed: int = 1
     """seed of weights, clip draws and dropout"""
     cuda: bool = True
-    """use the GPU when one is available (bf16 autocast only on CUDA)"""
+    """use CUDA when available (bf16 autocast there; fp32 on CPU)"""
+    threads: int = 0
+    """torch CPU threads per process (0: torch's default, which follows OMP_NUM_THREADS)"""
     resume: bool = False
     """continue from <output-dir>/videogpt_resume.pt"""
 
     # clips
-    seq_len: int = 16
-    """frames per clip L (paper DMC: 16; the window length of the reward)"""
+    seq_len: int = 4
+    """frames per clip L (the window length of the reward)"""
     frame_skip: int = 1
     """k: a clip takes every k-th frame (paper DMC: 1)"""
     class_cond: bool = False
     """condition on the task (folder name); required for one model over several tasks"""
 
-    # model (defaults: the paper's DMC size; Atari: 512/8/8/2048)
-    width: int = 256
+    # model
+    width: int = 128
     """transformer width (embedding size)"""
-    num_layers: int = 8
+    num_layers: int = 4
     """number of transformer blocks"""
-    num_heads: int = 8
+    num_heads: int = 4
     """attention heads per block"""
-    mlp_dim: int = 1024
+    mlp_dim: int = 512
     """hidden size of each block's MLP"""
     dropout: float = 0.1
     """dropout on embeddings, attention weights and residual branches"""
 
     # optimisation
-    total_steps: int = 100_000
+    total_steps: int = 1500
     """optimiser steps"""
-    batch_size: int = 32
+    batch_size: int = 16
     """clips per step, split evenly over torchrun processes"""
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-3
     """peak AdamW learning rate (after warm-up; cosine decay to 10% of it at --total-steps)"""
-    warmup_steps: int = 1000
+    warmup_steps: int = 100
     """linear learning-rate warm-up steps"""
     weight_decay: float = 0.01
     """AdamW weight decay on weight matrices and embeddings (not on biases, LayerNorm gains, start token)"""
@@ -119,12 +130,30 @@ class Args:
     """decay of the weight EMA used for evaluation, sampling and the checkpoint"""
 
     # logging
-    eval_every: int = 1000
+    eval_every: int = 500
     """steps between held-out NLL evaluations and checkpoints"""
-    eval_clips: int = 256
+    eval_clips: int = 64
     """held-out clips (fixed) for the NLL evaluation"""
-    sample_every: int = 5000
+    sample_every: int = 1500
     """steps between open-loop sample grids in tensorboard (1 context frame -> seq-len frames)"""
+
+
+# The two recipes (--size): only the flags that differ. Args' own defaults are the cpu recipe.
+PRESETS = {
+    "cpu": dict(seq_len=4, width=128, num_layers=4, num_heads=4, mlp_dim=512, batch_size=16, learning_rate=1e-3,
+                warmup_steps=100, total_steps=1500, eval_every=500, eval_clips=64, sample_every=1500),
+    "paper": dict(seq_len=16, width=256, num_layers=8, num_heads=8, mlp_dim=1024, batch_size=32, learning_rate=3e-4,
+                  warmup_steps=1000, total_steps=100_000, eval_every=1000, eval_clips=256, sample_every=5000),
+}
+
+
+def parse_args(argv=None) -> Args:
+    """tyro.cli with the --size recipe as the defaults: --help prints its values, explicit flags override them."""
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    peek.add_argument("--size", default="cpu")
+    size = peek.parse_known_args(sys.argv[1:] if argv is None else argv)[0].size
+    size = size if size in PRESETS else "cpu"  # tyro names the bad value
+    return tyro.cli(Args, default=Args(size=size, **PRESETS[size]), args=argv)
 
 
 # ==== VQGAN: copied verbatim into train_videogpt.py and train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
@@ -492,12 +521,63 @@ def load_videogpt(ckpt, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: find episodes, tokenise them once, draw clips.
-VIDEO_EXTS = (".npz", ".mp4", ".avi")
+# Data: read episode files (and write checkpoints), find episodes, tokenise them once, draw clips.
+# ==== FILES: copied verbatim from train_vqgan.py into train_videogpt.py; tests/test_parity.py keeps the copies identical ====
+VIDEO_EXTENSIONS = (".npz", ".mp4", ".avi")
+
+
+def read_video(path: str, image_size: int) -> np.ndarray:
+    """One episode file -> uint8 [T, image_size, image_size, 3] RGB; errors name the file."""
+    import cv2
+
+    if path.endswith(".npz"):
+        try:
+            with np.load(path) as f:
+                video = f["video"]
+        except Exception as e:  # corrupt zip, missing key, pickled object ...
+            if "pickled" in str(e):  # np.load's guess for a file that is neither .npz nor .npy
+                raise ValueError(f"cannot read 'video' from {path}: not a numpy .npz archive (corrupt or another "
+                                 f"format)") from e
+            raise ValueError(f"cannot read 'video' from {path}: {type(e).__name__}: {e}") from e
+    else:
+        cap, frames = cv2.VideoCapture(path), []
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        cap.release()
+        if not frames:
+            raise ValueError(f"OpenCV could not decode any frame of {path}")
+        video = np.stack(frames)
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3 or len(video) == 0:
+        raise ValueError(f"{path}: expected video uint8 [T,H,W,3] with T > 0, got {video.dtype} {video.shape}")
+    if video.shape[1:3] != (image_size, image_size):
+        video = np.stack([cv2.resize(f, (image_size, image_size), interpolation=cv2.INTER_AREA) for f in video])
+    return video
+
+
+def atomic_save(obj, path: str):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_finite(step: int, **values):
+    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
+    every weight into NaN, and the next save would write them over the last good checkpoint."""
+    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
+    if bad:
+        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
+                                 f"last checkpoint is kept); try a lower --learning-rate")
+# ==== END FILES ====
+
+
 VQGAN_KEYS = ("kind", "args", "model", "image_size", "token_hw", "codebook_size", "embed_dim", "channel_mult", "tasks",
               "step")  # what vqgan.pt holds: no optimiser state goes into videogpt.pt
 
 
+# not train_vqgan.find_tasks on purpose: clips come from train/ only, and sorted tasks fix the class labels
 def list_tasks(data_dir, tasks=None):
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data dir {data_dir!r} does not exist")
@@ -518,36 +598,8 @@ def list_episodes(root, task, splits):
         folder = os.path.join(root, task, split)
         if os.path.isdir(folder):
             files += [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-                      if f.endswith(VIDEO_EXTS) and not f.endswith(".tmp.npz")]
+                      if f.endswith(VIDEO_EXTENSIONS) and not f.endswith(".tmp.npz")]
     return files
-
-
-def read_video(path, image_size):
-    """uint8 [T, image_size, image_size, 3] from an .npz (key `video`) or an .mp4/.avi file."""
-    import cv2
-
-    try:
-        if path.endswith(".npz"):
-            with np.load(path) as f:
-                video = f["video"]
-        else:
-            cap, frames = cv2.VideoCapture(path), []
-            while True:
-                ok, frame = cap.read()
-                if not ok:
-                    break
-                frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-            cap.release()
-            video = np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8)
-    except Exception as e:
-        if "pickled" in str(e):  # np.load's guess for a file that is neither .npz nor .npy
-            raise ValueError(f"cannot read video file {path}: not a numpy .npz archive (corrupt or another format)") from e
-        raise ValueError(f"cannot read video file {path}: {e}") from e
-    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8 or len(video) == 0:
-        raise ValueError(f"{path}: expected uint8 video [T, H, W, 3], got {video.dtype} {video.shape}")
-    if video.shape[1:3] != (image_size, image_size):
-        video = np.stack([cv2.resize(f, (image_size, image_size), interpolation=cv2.INTER_AREA) for f in video])
-    return video
 
 
 def weights_hash(state_dict):
@@ -604,27 +656,12 @@ class ClipSampler:
 
 # ---------------------------------------------------------------------------------------------------------
 # Utilities
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def make_checkpoint(args, ema_model, class_map, token_hw, vqgan_ckpt, step, tasks=None, vqgan_hash=None):
     """The self-contained videogpt.pt dict. tasks: the sorted task folders it was trained on (also for an
     unconditional model); vqgan_hash: weights_hash of the tokenizer. Readers treat both as optional (older files)."""
     return {"kind": "videogpt", "args": asdict(args), "model": ema_model.state_dict(), "class_map": class_map,
             "seq_len": args.seq_len, "frame_skip": args.frame_skip, "token_hw": tuple(token_hw),
             "vqgan": vqgan_ckpt, "step": step, "tasks": tasks, "vqgan_hash": vqgan_hash}
-
-
-def check_finite(step, **values):
-    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
-    every weight into NaN, and the next save would write them over the last good checkpoint."""
-    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
-    if bad:
-        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
-                                 f"last checkpoint is kept); try a lower --learning-rate")
 
 
 def unigram_entropy(codes_list, vocab_size):
@@ -683,6 +720,8 @@ def main(args: Args):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     is_main = rank == 0
     if args.resume and not args.output_dir:
         raise ValueError("--resume needs the --output-dir of the run to continue")
@@ -723,7 +762,7 @@ def main(args: Args):
     nonfinite = [k for k, v in vqgan_ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
         raise ValueError(f"--vqgan {args.vqgan!r} has non-finite (NaN/inf) weights ({', '.join(nonfinite[:3])}, ...): "
-                         f"its training diverged; retrain it (train_vqgan.py with a lower --lr)")
+                         f"its training diverged; retrain it (train_vqgan.py with a lower --learning-rate)")
     vqgan_hash = weights_hash(vqgan_ckpt["model"])  # the codes' meaning: recorded, and checked on --resume
     vqgan = load_vqgan(vqgan_ckpt, device)
     image_size, token_hw, vocab = vqgan_ckpt["image_size"], tuple(vqgan_ckpt["token_hw"]), vqgan_ckpt["codebook_size"]
@@ -749,7 +788,7 @@ def main(args: Args):
                              f"whose weights differ from those of --vqgan {args.vqgan!r} now: resume with the "
                              f"vqgan.pt it was trained with, or choose another --output-dir")
     if not files["train"]:
-        raise FileNotFoundError(f"no {VIDEO_EXTS} files in {args.data_dir}/<task>/train/ for tasks {tasks}")
+        raise FileNotFoundError(f"no {VIDEO_EXTENSIONS} files in {args.data_dir}/<task>/train/ for tasks {tasks}")
     cache_path = os.path.join(out_dir, "tokens.pt")
     all_files = [p for s in ("train", "test") for _, p in files[s]]
     if is_main:
@@ -922,4 +961,4 @@ def final_report(args, reward_model, tasks, files, codes, eval_clips, entropy, o
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -8,11 +8,16 @@ entries. The code indices are the tokens the next stage (train_videogpt.py) mode
 
 Model (taming-transformers VQ-GAN, as in the official VIPER code): ResBlocks with GroupNorm
 and swish, stride-2 convolutions down, nearest-neighbour upsampling + convolution up, one
-self-attention block in the middle of the encoder and of the decoder. Defaults are VIPER's DMC
-settings: base width 128, `--channel-mult 1 2 2 2` (8x8 tokens from 64x64 frames), one ResBlock
-per level, codebook of 256 entries of dimension 64, batch 128, lr 1e-4 with 1000 warm-up steps,
-discriminator weight 0.1; the reconstruction loss is the one deliberate change (below).
-`--channel-mult 1 2 2 --codebook-size 1024` is the Atari setting (16x16 tokens).
+self-attention block in the middle of the encoder and of the decoder. One ResBlock per level, a
+codebook of 256 entries of dimension 64, discriminator weight 0.1. `--size` picks one of two recipes
+(PRESETS, below Args; a flag given explicitly overrides its preset value):
+  * `cpu` (the default, measured on 2 CPU cores; `bash run.sh full` trains it): base width 16,
+    `--channel-mult 1 2 4 4` (8x8 tokens from 64x64 frames), batch 16, lr 1e-3 with 100 warm-up steps,
+    2,000 steps with the discriminator from step 1,200;
+  * `paper` (VIPER's DMC settings): base width 128, `--channel-mult 1 2 2 2` (8x8 tokens), batch 128,
+    lr 1e-4 with 1000 warm-up steps, 100k steps (VIPER's DMC config: 1M) with the discriminator from 10k.
+The reconstruction loss is the one deliberate change from VIPER (below). `--size paper --channel-mult
+1 2 2 --codebook-size 1024` is the Atari setting (16x16 tokens).
 
 Losses:
   reconstruction: L2 by default. VIPER uses L1 next to a pretrained perceptual (LPIPS) loss;
@@ -47,16 +52,16 @@ dir that holds a checkpoint.pt is only reused with `--resume`; Ctrl-C saves both
 non-finite (NaN/inf) loss stops the run before it reaches the weights or a checkpoint.
 
 Examples:
-    python train_vqgan.py --data-dir data                    # paper size (GPU)
-    python train_vqgan.py --data-dir data --threads 1 --base-channels 16 --channel-mult 1 2 4 4 \
-        --disc-channels 32 --batch-size 16 --lr 1e-3 --warmup-steps 100 --dead-code-steps 50 \
-        --total-steps 2500 --disc-start 1500 --eval-every 500   # CPU size, ~20 min on one core
-    torchrun --nproc_per_node 4 train_vqgan.py --data-dir data   # DistributedDataParallel
+    python train_vqgan.py --data-dir data/experts --threads 1      # cpu recipe, ~25 min on one core
+    python train_vqgan.py --data-dir data/experts --size paper     # VIPER's DMC size (GPU)
+    torchrun --nproc_per_node 4 train_vqgan.py --data-dir data/experts --size paper   # DistributedDataParallel
 """
 
+import argparse
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Tuple
@@ -72,16 +77,19 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    data_dir: str = "data"
+    size: Literal["cpu", "paper"] = "cpu"
+    """recipe whose values (PRESETS) are the defaults of the flags below: cpu (measured on 2 CPU cores) or paper
+    (VIPER's DMC settings); `--size paper --help` shows its values"""
+    data_dir: str = "data/experts"
     """folder holding <task>/{train,test}/ episode files (*.npz with key `video`, *.mp4, *.avi)"""
     tasks: Tuple[str, ...] = ()
     """task folders of --data-dir to train on (default: every folder that has train/ or test/)"""
     image_size: int = 64
     """frames are resized to image-size x image-size"""
-    base_channels: int = 128
-    """width of the first encoder level (VIPER DMC: 128; CPU size: 16 with --channel-mult 1 2 4 4)"""
-    channel_mult: Tuple[int, ...] = (1, 2, 2, 2)
-    """width multiplier per resolution level; L levels downsample 2^(L-1)x (1 2 2 2: 8x8 tokens)"""
+    base_channels: int = 16
+    """width of the first encoder level"""
+    channel_mult: Tuple[int, ...] = (1, 2, 4, 4)
+    """width multiplier per resolution level; L levels downsample 2^(L-1)x (4 levels: 8x8 tokens from 64x64)"""
     num_res_blocks: int = 1
     """ResBlocks per encoder level (the decoder has one more), VIPER DMC: 1"""
     codebook_size: int = 256
@@ -92,13 +100,13 @@ class Args:
     """reconstruction loss: l2 (keeps thin details without a perceptual loss) or l1 (VIPER's)"""
     beta: float = 0.25
     """commitment loss weight"""
-    dead_code_steps: int = 100
+    dead_code_steps: int = 50
     """re-initialise a code that no training batch used for this many steps (0: never)"""
-    disc_start: int = 10_000
+    disc_start: int = 1200
     """step at which the adversarial loss and discriminator training start"""
     disc_weight: float = 0.1
     """weight of the generator's adversarial loss"""
-    disc_channels: int = 64
+    disc_channels: int = 32
     """width of the first discriminator layer"""
     r1_gamma: float = 1.0
     """R1 penalty weight: gamma/2 * E||grad_x D(x_real)||^2"""
@@ -106,13 +114,13 @@ class Args:
     """torchvision-format VGG16 state dict file (keys features.N.*); turns the perceptual loss on"""
     perceptual_weight: float = 0.1
     """weight of the perceptual loss (only with --perceptual-weights)"""
-    total_steps: int = 100_000
-    """optimiser updates to train for (VIPER's DMC config: 1M)"""
-    batch_size: int = 128
+    total_steps: int = 2000
+    """optimiser updates to train for"""
+    batch_size: int = 16
     """frames per update and process (under torchrun the global batch is this x processes)"""
-    lr: float = 1e-4
+    learning_rate: float = 1e-3
     """peak learning rate of both AdamW optimisers"""
-    warmup_steps: int = 1000
+    warmup_steps: int = 100
     """linear learning-rate warm-up from 0"""
     weight_decay: float = 1e-4
     """AdamW weight decay"""
@@ -127,13 +135,31 @@ class Args:
     seed: int = 1
     """seed of the weights and of the batch sampling"""
     cuda: bool = True
-    """use the GPU when one is available (bf16 autocast there; fp32 on CPU)"""
+    """use CUDA when available (bf16 autocast there; fp32 on CPU)"""
     threads: int = 0
-    """torch CPU threads per process (0: torch's default)"""
+    """torch CPU threads per process (0: torch's default, which follows OMP_NUM_THREADS)"""
     output_dir: Optional[str] = None
     """where checkpoints, tensorboard logs and images go (default: runs/<run_name>)"""
     resume: bool = False
     """continue from <output-dir>/checkpoint.pt (model, optimisers, step, RNG)"""
+
+
+# The two recipes (--size): only the flags that differ. Args' own defaults are the cpu recipe.
+PRESETS = {
+    "cpu": dict(base_channels=16, channel_mult=(1, 2, 4, 4), disc_channels=32, dead_code_steps=50, batch_size=16,
+                learning_rate=1e-3, warmup_steps=100, total_steps=2000, disc_start=1200),
+    "paper": dict(base_channels=128, channel_mult=(1, 2, 2, 2), disc_channels=64, dead_code_steps=100, batch_size=128,
+                  learning_rate=1e-4, warmup_steps=1000, total_steps=100_000, disc_start=10_000),
+}
+
+
+def parse_args(argv=None) -> Args:
+    """tyro.cli with the --size recipe as the defaults: --help prints its values, explicit flags override them."""
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    peek.add_argument("--size", default="cpu")
+    size = peek.parse_known_args(sys.argv[1:] if argv is None else argv)[0].size
+    size = size if size in PRESETS else "cpu"  # tyro names the bad value
+    return tyro.cli(Args, default=Args(size=size, **PRESETS[size]), args=argv)
 
 
 # ==== VQGAN: copied verbatim into train_videogpt.py and train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
@@ -268,8 +294,9 @@ def load_vqgan(ckpt, device="cpu"):
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
+# Data and checkpoint files
 # ---------------------------------------------------------------------------------------------
+# ==== FILES: copied verbatim from train_vqgan.py into train_videogpt.py; tests/test_parity.py keeps the copies identical ====
 VIDEO_EXTENSIONS = (".npz", ".mp4", ".avi")
 
 
@@ -304,6 +331,23 @@ def read_video(path: str, image_size: int) -> np.ndarray:
     return video
 
 
+def atomic_save(obj, path: str):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_finite(step: int, **values):
+    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
+    every weight into NaN, and the next save would write them over the last good checkpoint."""
+    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
+    if bad:
+        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
+                                 f"last checkpoint is kept); try a lower --learning-rate")
+# ==== END FILES ====
+
+
+# not train_videogpt.list_tasks on purpose: no class labels here, so --tasks keep their order (batches follow it)
 def find_tasks(data_dir: str, tasks) -> list:
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data dir {data_dir!r} does not exist")
@@ -417,21 +461,6 @@ def image_grid(originals: torch.Tensor, recons: torch.Tensor, task_ids: np.ndarr
                            np.concatenate(list(recons[idx].numpy()), 1)], 0)
 
 
-def atomic_save(obj, path: str):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def check_finite(step: int, **values):
-    """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
-    every weight into NaN, and the next save would write them over the last good checkpoint."""
-    bad = {k: v.item() for k, v in values.items() if not math.isfinite(v.item())}  # 0-d tensors
-    if bad:
-        raise FloatingPointError(f"training diverged at step {step}: {bad}. Nothing of this step was saved (the "
-                                 f"last checkpoint is kept); try a lower --lr")
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
@@ -490,8 +519,8 @@ def main(args: Args) -> dict:
     disc = PatchDiscriminator(args.disc_channels).to(device)
     perceptual = VGGPerceptual(args.perceptual_weights).to(device) if args.perceptual_weights else None
     model = DDP(vqgan, device_ids=[device.index] if use_cuda else None) if distributed else vqgan
-    opt = torch.optim.AdamW(vqgan.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(vqgan.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=args.learning_rate, betas=(0.9, 0.99), weight_decay=args.weight_decay)
     last_used = torch.zeros(args.codebook_size, dtype=torch.long, device=device)  # step a code was last picked
     start_step = 0
     if args.resume:
@@ -558,7 +587,7 @@ def main(args: Args) -> dict:
             rng = np.random.default_rng((args.seed, rank, step))
             x = train_frames[rng.integers(0, len(train_frames), args.batch_size)].to(device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-            lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)
+            lr = args.learning_rate * min(1.0, (step + 1) / args.warmup_steps)
             for group in opt.param_groups + d_opt.param_groups:
                 group["lr"] = lr
             use_gan = step >= args.disc_start
@@ -671,4 +700,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_args())

@@ -9,7 +9,7 @@ import collect_expert_videos as cev
 
 def test_dataset_round_trip_schema(tmp_path):
     args = cev.Args(env_id="dmc_cartpole_balance", policy="random", num_episodes=2, seed=5,
-                    out_dir=str(tmp_path), test_fraction=0.5)
+                    output_dir=str(tmp_path), test_fraction=0.5)
     returns = cev.main(args)
     train = sorted(os.listdir(tmp_path / "dmc_cartpole_balance" / "train"))
     test = sorted(os.listdir(tmp_path / "dmc_cartpole_balance" / "test"))
@@ -40,15 +40,15 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_bad_inputs_fail_clearly(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        cev.main(cev.Args(env_id="dmc_nope_nope", out_dir=str(tmp_path)))
+        cev.main(cev.Args(env_id="dmc_nope_nope", output_dir=str(tmp_path)))
     assert "dmc_nope_nope" in str(e.value) and "dmc_cartpole_balance" in str(e.value)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(SystemExit) as e:
-        cev.main(cev.Args(env_id="dmc_cartpole_balance", out_dir=str(blocker / "sub")))
+        cev.main(cev.Args(env_id="dmc_cartpole_balance", output_dir=str(blocker / "sub")))
     assert "cannot write" in str(e.value)
     with pytest.raises(SystemExit):
-        cev.main(cev.Args(env_id="dmc_cartpole_balance", epsilon=1.5, out_dir=str(tmp_path)))
+        cev.main(cev.Args(env_id="dmc_cartpole_balance", epsilon=1.5, output_dir=str(tmp_path)))
 
 
 def _partial_return(env_id, expert, steps, seed=0):

@@ -12,6 +12,7 @@ BLOCKS = {
     "ENV": ("collect_expert_videos.py", ["train_viper_dreamer.py"]),
     "VQGAN": ("train_vqgan.py", ["train_videogpt.py", "train_viper_dreamer.py"]),
     "VIDEOGPT": ("train_videogpt.py", ["train_viper_dreamer.py"]),
+    "FILES": ("train_vqgan.py", ["train_videogpt.py"]),  # reading episode files, writing checkpoints
 }
 
 

@@ -41,7 +41,7 @@ def make_dataset(root, tasks=("task_a", "task_b"), episodes=2, T=8, seed=0):
 
 
 def tiny_args(data_dir, out_dir, **kw):
-    base = dict(data_dir=str(data_dir), output_dir=str(out_dir), batch_size=4, total_steps=4, lr=1e-3,
+    base = dict(data_dir=str(data_dir), output_dir=str(out_dir), batch_size=4, total_steps=4, learning_rate=1e-3,
                 warmup_steps=1, disc_start=2, dead_code_steps=1, eval_every=1000, eval_frames=16, log_every=1,
                 cuda=False, seed=3, threads=1, **TINY)
     base.update(kw)
@@ -90,7 +90,7 @@ def test_tiny_model_learns_and_checkpoint_round_trips(tmp_path):
     # train = test here (same frames): we only ask that the loop learns to reconstruct
     shutil.copy(data / "only" / "train" / "000000.npz", data / "only" / "test" / "000000.npz")
     args = tiny_args(data, tmp_path / "run", total_steps=60, batch_size=6, disc_start=10_000, dead_code_steps=20,
-                     lr=3e-3, warmup_steps=5, base_channels=16, codebook_size=64, embed_dim=16)
+                     learning_rate=3e-3, warmup_steps=5, base_channels=16, codebook_size=64, embed_dim=16)
     frames, task_ids = tv.load_split(str(data), ["only"], "test", 64)
     torch.manual_seed(args.seed)
     untrained = tv.VQGAN(64, 16, args.channel_mult, 1, 64, 16)
@@ -234,10 +234,10 @@ def test_reusing_an_output_dir_without_resume_is_an_error(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    # --lr 1e4 diverges within a few steps; --eval-every 1 saves after every step
+    # --learning-rate 1e4 diverges within a few steps; --eval-every 1 saves after every step
     data = make_dataset(tmp_path / "data")
-    with pytest.raises(FloatingPointError, match=r"diverged at step \d.*lower --lr"):
-        tv.main(tiny_args(data, tmp_path / "run", lr=1e4, total_steps=6, eval_every=1, dead_code_steps=0))
+    with pytest.raises(FloatingPointError, match=r"diverged at step \d.*lower --learning-rate"):
+        tv.main(tiny_args(data, tmp_path / "run", learning_rate=1e4, total_steps=6, eval_every=1, dead_code_steps=0))
     for name in ("vqgan.pt", "checkpoint.pt"):
         ckpt = torch.load(tmp_path / "run" / name, weights_only=False)
         assert ckpt["step"] < 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values()), name
