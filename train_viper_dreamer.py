@@ -13,36 +13,36 @@ The algorithm, top to bottom:
    summed over the frame's codes, <= 0 (0 = as expert-like as it gets). Episode starts use the available
    prefix, so the reset frame gets log p(x_0). Stored as replay field `density`, never recomputed.
 2. World model on replayed chunks: CNN encoder -> RSSM (GRU state h, 16|32 categoricals z with 1% unimix,
-   straight-through samples) -> heads on [h, z]: decoder (MSE), `density` and (with a task reward) `reward`
+   straight-through samples) -> heads on [h, z]: decoder (MSE), `density` and (with a task reward) `task`
    as twohot over 255 symlog bins, continue flag; KL balancing 0.5 / 0.1 with 1 free nat.
 3. Plan2Explore: 8 MLPs predict z_{t+1} from (h_t, z_t, a_t) on replayed (detached) states; in imagination
    their disagreement (std across members, mean over dims) rewards transition t -> t+1.
 4. Actor-critic in imagination (15 steps from every replayed state): one critic per reward term with a
-   nonzero scale (`density`, `disag`, `task`), each with a slow critic and a return normaliser; lambda-return
-   (0.95, discount 1 - 1/333); advantages mixed as A = sum_k s_k (R^k - v_k) / max(1, P95_k - P5_k) / sum s_k.
+   nonzero scale (REWARD_TERMS: `density`, `disagreement`, `task`), each with a slow critic and a return
+   normaliser; lambda-return (0.95, discount 1 - 1/333); advantages mixed as A = sum_k s_k (R^k - v_k) / max(1, P95_k - P5_k) / sum s_k.
    Continuous actions (DMC): backprop through the dynamics, Normal(tanh(mu), sigma in [0.1, 1]); discrete
-   (Atari): REINFORCE with 1% unimix; entropy bonus 3e-4. `--reward viper` defaults (density 1, disag 1,
-   task 0) are the official `videogpt_prior_rb` setting: the env reward reaches no network, only the logs.
+   (Atari): REINFORCE with 1% unimix; entropy bonus 3e-4. `--reward viper` defaults (density 1,
+   disagreement 1, task 0) are the official `videogpt_prior_rb` setting: the env reward reaches no network.
 5. One env, uniform replay, one update every batch_size * batch_length / train_ratio env steps after
    `--prefill` random steps; greedy evaluation on the true task reward every --eval-every steps.
 
 Deliberate deviations from the paper and the official code:
   * `cpu` size (the default, for 2 CPU cores): GRU/dense 128, CNN multiplier 8, one MLP layer, 16x16 latents,
-    lr 3e-4 / 1e-4 / 1e-4 and Adam beta2 0.99 (reason at CPU_OPT), batch 4 x 32 at train ratio 64: one update
+    lr 3e-4 / 1e-4 / 1e-4 and Adam beta2 0.99 (reason at PRESETS), batch 4 x 32 at train ratio 64: one update
     every 2 env steps, the paper's update rate, on 4x smaller batches. Sizes XS..XL keep the paper's values.
   * One env, one replay stream; every replayed chunk starts from the learned initial latent; `--prefill`.
   * Evaluation acts with the policy's mode (`eval.py agent --sample` samples, as the official eval does).
   * The replay stores the clipped action; no bias before LayerNorm; prior logits computed after the
     posterior loop (same values, fewer sequential ops); bf16 autocast on CUDA only, fp32 on CPU.
-  * VIPER: no step is dropped at episode starts (official: the first 15), step 0 is scored; no reward head
-    at all with --task-reward-scale 0 (official: trained outside the gradients, for logs); disagreement
+  * VIPER: no step is dropped at episode starts (official: the first 15), step 0 is scored; no task head
+    at all with --task-scale 0 (official: trained outside the gradients, for logs); disagreement
     from (h_t, z_t, a_t) -> z_{t+1} (Plan2Explore's definition; DreamerV3's code uses the arrival state);
     pairs across an episode start left out of the ensemble loss; --reward-mode defaults to conditional.
 
-Code map: env (`make_env`, copied) -> networks (`RSSM`, heads, `Actor`, `Ensemble`) -> reward-model copy
-(`VQGAN`, `VideoGPT`, `RewardModel`) -> reward terms (`reward_scales`, `critic_scales`, `wm_heads`,
-`StepRewards`) -> `Replay` -> `Dreamer` (losses, imagination, `train_step`) -> `main`. Outputs (eval.csv,
-episodes.csv, run.json, agent.pt, replay.npz, tensorboard) and measured results: README.
+Code map: `Args` (defaults by --size and --reward: PRESETS) -> env (`make_env`, copied) -> networks (`RSSM`,
+heads, `Actor`, `Ensemble`) -> reward terms (REWARD_TERMS, `StepRewards`) -> `Replay` -> `Dreamer` (losses,
+imagination, `train_step`) -> `main`, the loop. Appendix A: run files and checks; appendix B: the frozen
+reward model (`VQGAN`, `VideoGPT`, `RewardModel`, copied). Outputs and measured results: README.
 
     python train_viper_dreamer.py --env-id dmc_cartpole_balance           # the task oracle (CPU recipe)
     python train_viper_dreamer.py --env-id dmc_cartpole_balance --reward viper \
@@ -50,6 +50,7 @@ episodes.csv, run.json, agent.pt, replay.npz, tensorboard) and measured results:
     python train_viper_dreamer.py --output-dir runs/x --resume ...        # continue runs/x (same flags)
 """
 
+import argparse
 import copy
 import csv
 import ctypes
@@ -67,7 +68,7 @@ import zipfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -84,45 +85,44 @@ class Args:
     reward: Literal["task", "viper"] = "task"
     """reward the agent learns from: `task` = the environment's reward (the oracle baseline); `viper` = the
     video model's log-likelihood of the agent's frames (needs --reward-model; the env reward is then only
-    logged and evaluated, unless --task-reward-scale > 0)"""
-    reward_model: Optional[str] = None
-    """videogpt.pt written by train_videogpt.py (--reward viper); its class map must hold --env-id"""
+    logged and evaluated, unless --task-scale > 0). Sets the defaults of the three --*-scale flags"""
+    reward_model: Annotated[Optional[str], tyro.conf.arg(metavar="PATH", help_behavior_hint="(required with --reward viper)")] = None
+    """videogpt.pt written by train_videogpt.py; its class map must hold --env-id"""
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """VIPER reward of step t: `conditional` = log p(x_t | earlier frames of its window) (paper formula);
     `joint` = log p(whole window ending at t) (official code's default)"""
     allow_new_task: bool = False
     """score --env-id with a video model whose recorded training tasks do not include it (off: an error)"""
-    reference_returns: Optional[str] = None
-    """reference.json from `eval.py reference` (the VIPER returns of expert, degraded, random, zero and
-    constant-action episodes under this reward): drawn in tensorboard as flat lines beside the agent's VIPER
-    return per episode (custom scalars tab), so a run shows at a glance whether it is imitating the expert"""
-    density_scale: Optional[float] = None
-    """weight of the VIPER (`density`) critic in the actor's advantage (default: 1 with --reward viper;
-    must be 0 with --reward task)"""
-    expl_scale: Optional[float] = None
-    """weight of the Plan2Explore disagreement (`disag`) critic (default: 1 with --reward viper, 0 with
-    --reward task); 0 removes the ensemble"""
-    task_reward_scale: Optional[float] = None
-    """weight of the env-reward (`task`) critic (default: 0 with --reward viper, 1 with --reward task); 0 also
-    removes the world model's reward head, so the env reward reaches no gradient"""
+    reference_returns: Annotated[Optional[str], tyro.conf.arg(metavar="PATH", help_behavior_hint="(optional)")] = None
+    """reference.json of `eval.py reference` (VIPER returns of expert, degraded, random, zero and constant
+    actions): lines beside the agent's VIPER return per episode in tensorboard (custom scalars tab)"""
+    density_scale: float = 0.0
+    """weight of the `density` reward term (VIPER's video-model log-likelihood) in the actor's advantage;
+    0 = off (no density head, no critic). Default: 1 with --reward viper, 0 with --reward task"""
+    disagreement_scale: float = 0.0
+    """weight of the `disagreement` reward term (Plan2Explore: the ensemble's disagreement); 0 = off (no
+    ensemble, no critic). Default: 1 with --reward viper (official), 0 with --reward task"""
+    task_scale: float = 1.0
+    """weight of the `task` reward term (the env reward); 0 = off: no task head and no critic, so the env
+    reward reaches no gradient. Default: 1 with --reward task, 0 with --reward viper"""
     size: Literal["cpu", "XS", "S", "M", "L", "XL"] = "cpu"
-    """model size preset (paper sizes XS..XL, or `cpu`: small enough for 2 CPU cores)"""
+    """model size (SIZES: paper sizes XS..XL, or `cpu`: small enough for 2 CPU cores); also sets the defaults
+    of the learning rates and --adam-beta2 (PRESETS)"""
     total_steps: int = 100_000
     """env steps (agent decisions; DMC repeats each action for 2 simulator steps, Atari for 4 frames)"""
     train_ratio: float = 64.0
-    """replayed steps per env step (one update of batch_size * batch_length steps every that / ratio env
-    steps); the CPU recipe's 64 at batch 4 x 32 is one update every 2 env steps, the paper's update rate
-    (paper: 512 at batch 16 x 64 for DMC from pixels)"""
+    """replayed steps per env step: 64 at batch 4 x 32 is one update every 2 env steps, the paper's update
+    rate (VIPER's DMC agent config: 64 at batch 16 x 64; DreamerV3's paper: 512)"""
     prefill: int = 2500
     """env steps with uniform random actions before learning starts"""
-    model_lr: Optional[float] = None
-    """world model Adam learning rate (default: paper 1e-4; `cpu` size 3e-4)"""
-    actor_lr: Optional[float] = None
-    """actor Adam learning rate (default: paper 3e-5; `cpu` size 1e-4)"""
-    critic_lr: Optional[float] = None
-    """critic Adam learning rate (default: paper 3e-5; `cpu` size 1e-4)"""
-    adam_beta2: Optional[float] = None
-    """Adam second-moment decay of all optimisers (default: paper 0.999; `cpu` size 0.99)"""
+    model_lr: float = 3e-4
+    """world model Adam learning rate (`cpu` size 3e-4; paper sizes 1e-4)"""
+    actor_lr: float = 1e-4
+    """actor Adam learning rate (`cpu` size 1e-4; paper sizes 3e-5)"""
+    critic_lr: float = 1e-4
+    """critic Adam learning rate (`cpu` size 1e-4; paper sizes 3e-5)"""
+    adam_beta2: float = 0.99
+    """Adam second-moment decay of all optimisers (`cpu` size 0.99, reason at PRESETS; paper sizes 0.999)"""
     baseline_grad: bool = True
     """continuous actions: the backprop actor loss -(R_lambda - v(s_t)) also differentiates the baseline
     v(s_t) through the imagined states, as DreamerV3's v1 code does; --no-baseline-grad stops it, so the
@@ -143,17 +143,18 @@ class Args:
     """also write the replay to replay.npz at each checkpoint, for an exact --resume"""
     log_every: int = 1_000
     """env steps between tensorboard scalar logs"""
-    seed: int = 0
+    seed: int = 1
     """seed of torch, numpy, the env (seed) and the eval env (seed + 1)"""
-    output_dir: Optional[str] = None
-    """where logs and checkpoints go (default runs/<env-id>__<dreamer|viper>__<seed>__<time>)"""
+    output_dir: Annotated[Optional[str], tyro.conf.arg(
+        metavar="PATH", help_behavior_hint="(default: runs/<env-id>__<dreamer|viper>__<seed>__<unix time>)")] = None
+    """where logs and checkpoints go"""
     resume: bool = False
     """continue the run in --output-dir from its agent.pt (and replay.npz if present)"""
-    device: Optional[str] = None
-    """torch device (default: cuda if available, else cpu)"""
+    cuda: bool = True
+    """use CUDA when available (bf16 autocast there); CPU otherwise"""
     threads: int = 1
-    """torch CPU threads. 1 is fastest on cores shared with other processes: there, 2 OpenMP threads wait
-    on each other at every op and one update can take 10x longer"""
+    """torch CPU threads (1 is fastest on cores shared with other processes: 2 threads then wait on each
+    other at every op, up to 10x slower)"""
 
 
 # Model sizes: GRU units, dense units, CNN multiplier, MLP layers, latents, classes per latent.
@@ -164,6 +165,18 @@ SIZES = {
     "M": dict(deter=1024, units=640, depth=48, layers=3, stoch=32, classes=32),
     "L": dict(deter=2048, units=768, depth=64, layers=4, stoch=32, classes=32),
     "XL": dict(deter=4096, units=1024, depth=96, layers=5, stoch=32, classes=32),
+}
+# The flag defaults that depend on --size and --reward; Args' own defaults are PRESETS for `cpu` and `task`.
+# `cpu` optimiser: a CPU affords ~5k updates in 100k env steps, not the paper's ~50k. The first updates'
+# large image-loss gradients inflate Adam's second moment; with beta2 0.999 the encoder then learns
+# ~1000x slower than its learning rate for thousands of updates and the posterior ignores the small
+# cartpole (measured: no escape in 1000 updates). beta2 0.99 forgets them 10x sooner (escape after
+# ~600 updates), and larger learning rates make up for the fewer updates.
+PRESETS = {
+    "cpu": dict(model_lr=3e-4, actor_lr=1e-4, critic_lr=1e-4, adam_beta2=0.99),
+    "paper": dict(model_lr=1e-4, actor_lr=3e-5, critic_lr=3e-5, adam_beta2=0.999),  # sizes XS..XL
+    "task": dict(density_scale=0.0, disagreement_scale=0.0, task_scale=1.0),
+    "viper": dict(density_scale=1.0, disagreement_scale=1.0, task_scale=0.0),  # official videogpt_prior_rb
 }
 # Fixed hyperparameters of the paper (same for every domain and size).
 UNIMIX = 0.01  # uniform share mixed into every categorical (latents and discrete actions)
@@ -177,19 +190,11 @@ DISAG_MODELS = 8  # Plan2Explore ensemble members (VIPER/DreamerV3 code: disag_m
 CORR_EPISODES = 20  # episodes in the logged correlation of VIPER and task returns
 MODEL_EPS, MODEL_CLIP = 1e-8, 1000.0  # Adam epsilon and global grad-norm clip of the world model
 AC_EPS, AC_CLIP = 1e-5, 100.0  # same, actor and critics
-PAPER_OPT = dict(model_lr=1e-4, actor_lr=3e-5, critic_lr=3e-5, adam_beta2=0.999)
-# `cpu` size: a CPU affords ~5k updates in 100k env steps, not the paper's ~50k. The first updates'
-# large image-loss gradients inflate Adam's second moment; with beta2 0.999 the encoder then learns
-# ~1000x slower than its learning rate for thousands of updates and the posterior ignores the small
-# cartpole (measured: no escape in 1000 updates). beta2 0.99 forgets them 10x sooner (escape after
-# ~600 updates), and larger learning rates make up for the fewer updates.
-CPU_OPT = dict(model_lr=3e-4, actor_lr=1e-4, critic_lr=1e-4, adam_beta2=0.99)
 
 
-def optimiser_settings(args):
-    """Learning rates and Adam beta2: flags where given, else the size's defaults."""
-    base = CPU_OPT if args.size == "cpu" else PAPER_OPT
-    return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in base.items()}
+def preset(size="cpu", reward="task"):
+    """The defaults of the flags that depend on --size and --reward."""
+    return dict(size=size, reward=reward, **PRESETS["cpu" if size == "cpu" else "paper"], **PRESETS[reward])
 
 
 # ==== ENV: copied verbatim into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
@@ -639,9 +644,899 @@ def frozen(*modules):
 
 
 # ---------------------------------------------------------------------------------------------
-# VIPER reward model: inference-only copies of the VQ-GAN (train_vqgan.py) and the VideoGPT with its
-# reward (train_videogpt.py). Loaded from the self-contained videogpt.pt by `load_videogpt`.
+# Reward terms, in the order of their critics. Each has a scale flag: its weight in the actor's advantage,
+# 0 = off (no critic, no head, not computed). The LABELLED terms get a label once per env step
+# (`StepRewards`): a replay field of the term's name, fitted by a world-model head of the same name that
+# gives the term's reward in imagination. `disagreement` exists only in imagination (the ensemble).
 # ---------------------------------------------------------------------------------------------
+REWARD_TERMS = {
+    "density": "density_scale",  # VIPER: the video model's log-likelihood of the step's frame
+    "disagreement": "disagreement_scale",  # Plan2Explore: the ensemble's disagreement about the transition
+    "task": "task_scale",  # the env reward: the oracle's reward; VIPER runs only log it
+}
+LABELLED = ("task", "density")  # in the order of their heads
+
+
+def term_scales(args):
+    """{term: scale} of the terms that are on (scale != 0): one critic each, in REWARD_TERMS order."""
+    return {k: float(getattr(args, flag)) for k, flag in REWARD_TERMS.items() if getattr(args, flag) != 0}
+
+
+class StepRewards:
+    """Labels each step ONCE as it enters the replay: returns the LABELLED fields of the step.
+
+    `task`: the env reward (received on arriving at the step's frame; 0 at a reset). With a reward model
+    (VIPER) also `density`: the video model's reward of the step. Each new frame is encoded to codes once,
+    as it arrives; the episode's last (L-1)k+1 codes are kept (all a window of L frames with skip k can
+    reach) and the new step alone is scored with `rewards_from_codes(..., first_step=last)`, which equals
+    `compute_rewards` over the whole episode: while the episode is shorter than the window, nothing has
+    been dropped and the local index is the episode index (same first-steps rule); after that the local
+    index (L-1)k already gets a full window. The reset frame (step 0) is scored too, by the same rule
+    (log p(x_0) alone); it is not given 0 as the env reward is, because in log-likelihood units 0 is the
+    best possible reward: the density head would learn that reset-like states are the most expert-like.
+    """
+
+    def __init__(self, args, reward_model=None):
+        self.env_id, self.mode, self.rm = args.env_id, args.reward_mode, reward_model
+        self.fields = ("task",) if reward_model is None else ("task", "density")
+        self.keep = None if reward_model is None else (reward_model.seq_len - 1) * reward_model.frame_skip + 1
+        self.codes = None  # the current episode's last `keep` codes [n, h, w]
+        self.seconds = 0.0  # wall time spent encoding and scoring (logged as a share of the run's)
+
+    def _density(self, frame):
+        t0 = time.perf_counter()
+        code = self.rm.encode(np.ascontiguousarray(frame)[None, None])[0]  # [1, h, w]
+        self.codes = code if self.codes is None else torch.cat([self.codes, code])[-self.keep:]
+        r = self.rm.rewards_from_codes(self.codes[None], self.env_id, self.mode, first_step=len(self.codes) - 1)
+        self.seconds += time.perf_counter() - t0
+        return float(r[0, 0])
+
+    def reset(self, frame):
+        """A new episode starts with this (reset) frame; returns the fields of that first step."""
+        self.codes = None
+        return {"task": 0.0} if self.rm is None else {"task": 0.0, "density": self._density(frame)}
+
+    def __call__(self, frame, env_reward):
+        fields = {"task": float(env_reward)}
+        if self.rm is not None:
+            fields["density"] = self._density(frame)
+        return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay
+# ---------------------------------------------------------------------------------------------
+class Replay:
+    """Ring buffer of single env steps; samples uniformly chunks of consecutive steps.
+
+    Step t holds the frame x_t, the action that led to it (zeros at a reset), the reward received on
+    arriving at it, is_first (reset frame) and is_terminal (episode ended with no bootstrap).
+    """
+
+    def __init__(self, capacity, obs_shape, act_dim, reward_fields):
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        self.data = dict(image=np.zeros((capacity, *obs_shape), np.uint8), action=np.zeros((capacity, act_dim), np.float32),
+                         is_first=np.zeros(capacity, bool), is_terminal=np.zeros(capacity, bool))
+        for f in reward_fields:
+            self.data[f] = np.zeros(capacity, np.float32)
+
+    def __len__(self):
+        return self.size
+
+    def add(self, **step):
+        for k, v in step.items():
+            self.data[k][self.ptr] = v
+        self.ptr = (self.ptr + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample(self, batch, length, rng):
+        if self.size < length:
+            raise ValueError(f"replay holds {self.size} steps, fewer than one chunk of {length}")
+        oldest = self.ptr if self.size == self.capacity else 0  # chunks must not wrap over the write head
+        starts = (oldest + rng.integers(0, self.size - length + 1, batch)) % self.capacity
+        idx = (starts[:, None] + np.arange(length)) % self.capacity
+        out = {k: v[idx] for k, v in self.data.items()}
+        out["is_first"][:, 0] = True  # every chunk starts from the initial latent
+        return out
+
+    def save(self, path, step):
+        """Atomic write; `step` (the run's env step) pairs the file with the agent.pt saved after it. Compressed:
+        env frames are mostly flat colour (cartpole: 53x smaller, and faster to write than the raw 12.3 KB/step)."""
+        tmp = path + ".tmp.npz"
+        np.savez_compressed(tmp, ptr=self.ptr, size=self.size, step=step,
+                            **{k: v[: self.size] for k, v in self.data.items()})
+        os.replace(tmp, path)
+
+    def load(self, path, step):
+        """Load a replay saved at env step `step` (the checkpoint's); any other step is an error."""
+        try:
+            with np.load(path) as f:  # replays saved before the task term had one name store it as `reward`
+                stored = {k: "reward" if k == "task" and "task" not in f.files else k for k in self.data}
+                arrays = {k: f[stored.get(k, k)] for k in ["size", "ptr", *self.data, *(["step"] if "step" in f.files else [])]}
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated, not npz
+            raise ValueError(f"{path} is not a readable replay ({type(e).__name__}: {e}); delete it to resume "
+                             f"with an empty replay") from e
+        if "step" in arrays and int(arrays["step"]) != step:
+            raise ValueError(f"{path} was saved at step {int(arrays['step'])} but agent.pt at step {step} (a save "
+                             f"was interrupted between the two files): delete {path} to resume with an empty "
+                             f"replay, or start the run again")
+        size = int(arrays["size"])
+        if size > self.capacity:
+            raise ValueError(f"{path} holds {size} steps, more than --replay-capacity {self.capacity}")
+        for k in self.data:
+            self.data[k][:size] = arrays[k]
+        self.size, self.ptr = size, int(arrays["ptr"]) % self.capacity if size == self.capacity else size
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent
+# ---------------------------------------------------------------------------------------------
+class Dreamer(nn.Module):
+    def __init__(self, args: Args, act_dim: int, discrete: bool):
+        super().__init__()
+        s = SIZES[args.size]
+        self.act_dim, self.discrete, self.baseline_grad = act_dim, discrete, args.baseline_grad
+        self.encoder = ConvEncoder(s["depth"])
+        self.rssm = RSSM(act_dim, self.encoder.out_dim, s["deter"], s["units"], s["stoch"], s["classes"])
+        feat = self.rssm.feat_dim
+        self.decoder = ConvDecoder(feat, s["depth"])
+        self.scales = term_scales(args)
+        # world-model heads of the labelled terms that are on (official VIPER: `grad_heads: [decoder, density,
+        # cont]`): with --task-scale 0 there is no task head, so the env reward reaches no gradient at all
+        self.heads = nn.ModuleDict({k: TwoHotHead(feat, s["units"], s["layers"]) for k in LABELLED if k in self.scales})
+        self.cont = nn.Sequential(mlp(feat, s["units"], s["layers"]), nn.Linear(s["units"], 1))
+        self.actor = Actor(feat, act_dim, discrete, s["units"], s["layers"])
+        self.critics = nn.ModuleDict({k: TwoHotHead(feat, s["units"], s["layers"]) for k in self.scales})
+        self.retnorms = nn.ModuleDict({k: ReturnNorm() for k in self.scales})
+        self.ensemble = (Ensemble(feat + act_dim, s["stoch"] * s["classes"], s["units"], s["layers"])
+                         if "disagreement" in self.scales else None)
+        init_weights(self)
+        for head in [*self.heads.values(), *self.critics.values()]:
+            init_weights(head.out, scale=0.0)  # zero-initialised two-hot outputs
+        self.slow_critics = copy.deepcopy(self.critics).requires_grad_(False)
+        self.to(memory_format=torch.channels_last)
+        self.world_model = nn.ModuleList([self.encoder, self.rssm, self.decoder, self.heads, self.cont])
+        betas = (0.9, args.adam_beta2)
+        self.model_opt = torch.optim.Adam(self.world_model.parameters(), lr=args.model_lr, eps=MODEL_EPS, betas=betas)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, eps=AC_EPS, betas=betas)
+        self.critic_opts = {k: torch.optim.Adam(c.parameters(), lr=args.critic_lr, eps=AC_EPS, betas=betas)
+                            for k, c in self.critics.items()}
+        # the ensemble's own optimiser (official `expl_opt`: lr 1e-4 = the model's, eps 1e-5, clip 100)
+        self.ensemble_opt = (torch.optim.Adam(self.ensemble.parameters(), lr=args.model_lr, eps=AC_EPS, betas=betas)
+                             if self.ensemble is not None else None)
+
+    # --- acting ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def policy(self, obs, carry, explore):
+        """One env step: obs uint8 [64, 64, 3]; carry = (latent, previous action) or None at a reset."""
+        device = self.rssm.init_deter.device
+        is_first = torch.tensor([carry is None], device=device)
+        if carry is None:
+            latent = {k: torch.zeros_like(v) for k, v in self.rssm.initial(1).items()}
+            carry = (latent, torch.zeros(1, self.act_dim, device=device))
+        embed = self.encoder(torch.as_tensor(np.ascontiguousarray(obs), device=device)[None])
+        latent = self.rssm.obs_step(carry[0], carry[1], embed, is_first)
+        dist = self.actor(self.rssm.feat(latent))
+        action = dist.sample() if explore else dist.mode
+        action = action.detach() if self.discrete else action.detach().clamp(-1.0, 1.0)
+        return action[0], (latent, action)
+
+    # --- learning -------------------------------------------------------------------------------
+    def imagined_rewards(self, traj):
+        """Reward of each imagined transition t -> t+1 [H, N] for every critic.
+
+        task, density: the term's head at the state it arrives at (replay step t is labelled with the reward
+        of arriving at frame t). disagreement: the ensemble's disagreement about that transition, from
+        (h_t, z_t, a_t).
+        """
+        rewards = {k: self.heads[k](traj["feat"][1:]).mean for k in self.scales if k in self.heads}
+        if "disagreement" in self.scales:
+            rewards["disagreement"] = self.ensemble.disagreement(torch.cat([traj["feat"][:-1], traj["action"]], -1))
+        return rewards
+
+    def ensemble_loss(self, post, batch):
+        """Each member regresses (MSE summed over dims) z_{t+1} on (h_t, z_t, a_{t+1}) of replayed posterior
+        states (detached: the ensemble does not shape the world model). In the replay, action[t+1] led from
+        step t to t+1; pairs that cross an episode start are skipped."""
+        feat = self.rssm.feat({k: v.detach() for k, v in post.items()})
+        inp = torch.cat([feat[:, :-1], batch["action"][:, 1:]], -1)
+        target = post["stoch"][:, 1:].detach().flatten(-2)
+        mask = (~batch["is_first"][:, 1:]).float()
+        err = ((self.ensemble(inp).float() - target) ** 2).sum(-1)  # [members, B, T-1]
+        return ((err * mask).sum((1, 2)) / mask.sum().clamp(min=1)).sum()
+
+    def world_model_loss(self, batch):
+        embed = self.encoder(batch["image"])
+        post, prior_logits = self.rssm.observe(embed, batch["action"], batch["is_first"])
+        feat = self.rssm.feat(post)
+        target = batch["image"].permute(0, 1, 4, 2, 3).float() / 255.0
+        err = self.decoder(feat).float() - target
+        losses = {"image": (err * err).sum((-3, -2, -1))}  # MSE summed over pixels (x*x: faster than pow)
+        for k, head in self.heads.items():
+            losses[k] = -head(feat).log_prob(batch[k])
+        cont_target = 1.0 - batch["is_terminal"].float()
+        losses["cont"] = F.binary_cross_entropy_with_logits(self.cont(feat)[..., 0].float(), cont_target, reduction="none")
+        post_logits, prior_logits = post["logits"].float(), prior_logits.float()
+        dyn = kl_categorical(post_logits.detach(), prior_logits)
+        rep = kl_categorical(post_logits, prior_logits.detach())
+        losses["dyn"], losses["rep"] = torch.clamp(dyn, min=KL_FREE), torch.clamp(rep, min=KL_FREE)
+        scales = {"dyn": KL_DYN, "rep": KL_REP}
+        loss = sum(scales.get(k, 1.0) * v.mean() for k, v in losses.items())
+        metrics = {f"loss/{k}": v.mean().item() for k, v in losses.items()}
+        metrics.update({"world_model/kl": dyn.mean().item(), "world_model/post_entropy":
+                        -(post_logits.exp() * post_logits).sum((-2, -1)).mean().item()})
+        return loss, post, metrics
+
+    def imagine(self, start, start_cont, backprop):
+        """Roll the actor out in the world model for IMAG_HORIZON steps from start states [N]."""
+        state, feats, actions, dists = start, [self.rssm.feat(start)], [], []
+        for _ in range(IMAG_HORIZON):
+            dist = self.actor(feats[-1].detach())  # the actor sees stop-gradient states
+            action = dist.sample()
+            with torch.set_grad_enabled(backprop):  # REINFORCE needs no gradient through the dynamics
+                state = self.rssm.img_step(state, action if backprop else action.detach())
+            feats.append(self.rssm.feat(state))
+            actions.append(action)
+            dists.append(dist)
+        feat = torch.stack(feats)
+        with torch.no_grad():
+            cont = torch.cat([start_cont[None], (self.cont(feat[1:])[..., 0] > 0).float()])
+            weight = torch.cumprod(GAMMA * cont, 0) / GAMMA  # share of each state still inside the episode
+        return dict(feat=feat, action=torch.stack(actions), cont=cont, weight=weight), dists
+
+    def actor_critic_loss(self, traj, dists, backprop):
+        """Actor loss (mixing every critic's normalised advantage) and each critic's lambda-return target."""
+        rewards = self.imagined_rewards(traj)
+        adv, targets, metrics = 0.0, {}, {}
+        total = sum(self.scales.values())
+        for k, critic in self.critics.items():
+            value = critic(traj["feat"]).mean  # gradient flows into the states only for backprop
+            ret = lambda_returns(rewards[k].float(), value, traj["cont"][1:])
+            self.retnorms[k].update(ret)
+            scale = self.retnorms[k].scale()
+            base = value[:-1] if self.baseline_grad else value[:-1].detach()
+            adv = adv + self.scales[k] / total * (ret - base) / scale  # offset cancels in the difference
+            targets[k] = ret.detach()
+            metrics.update({f"imagination/{k}_reward": rewards[k].mean().item(), f"imagination/{k}_return":
+                            ret.mean().item(), f"imagination/{k}_return_scale": scale.item()})
+        logpi = torch.stack([d.log_prob(a.detach()) for d, a in zip(dists, traj["action"])])
+        ent = torch.stack([d.entropy() for d in dists])
+        loss = -adv if backprop else -logpi * adv.detach()
+        loss = ((loss - ACTOR_ENT * ent) * traj["weight"][:-1]).mean()
+        metrics.update({"loss/actor": loss.item(), "imagination/actor_entropy": ent.mean().item()})
+        return loss, targets, metrics
+
+    def critic_loss(self, k, traj, target):
+        feat, w = traj["feat"][:-1].detach(), traj["weight"][:-1]
+        dist = self.critics[k](feat)
+        with torch.no_grad():
+            slow = self.slow_critics[k](feat).mean
+        return ((-dist.log_prob(target) - SLOWREG * dist.log_prob(slow)) * w).mean()
+
+    def train_step(self, batch):
+        """One update of world model, actor and critics on a batch of replayed chunks (numpy dict [B, T])."""
+        device = self.rssm.init_deter.device
+        batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+        with autocast:
+            model_loss, post, metrics = self.world_model_loss(batch)
+        metrics["grad_norm/model"] = step(self.model_opt, model_loss, self.world_model.parameters(), MODEL_CLIP)
+        if self.ensemble is not None:
+            with autocast:
+                ens_loss = self.ensemble_loss(post, batch)
+            metrics["loss/ensemble"] = ens_loss.item()
+            metrics["grad_norm/ensemble"] = step(self.ensemble_opt, ens_loss, self.ensemble.parameters(), AC_CLIP)
+
+        backprop = not self.discrete  # continuous: backprop through dynamics; discrete: REINFORCE
+        start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
+        start_cont = 1.0 - batch["is_terminal"].flatten().float()
+        with frozen(self.world_model, self.critics, self.ensemble), autocast:
+            traj, dists = self.imagine(start, start_cont, backprop)
+            actor_loss, targets, m = self.actor_critic_loss(traj, dists, backprop)
+        metrics.update(m)
+        metrics["grad_norm/actor"] = step(self.actor_opt, actor_loss, self.actor.parameters(), AC_CLIP)
+
+        traj = {k: v.detach() for k, v in traj.items()}
+        for k in self.critics:
+            with autocast:
+                loss = self.critic_loss(k, traj, targets[k])
+            metrics[f"loss/critic_{k}"] = loss.item()
+            metrics[f"grad_norm/critic_{k}"] = step(self.critic_opts[k], loss, self.critics[k].parameters(),
+                                                    AC_CLIP)
+            with torch.no_grad():  # slow critic: EMA of the critic, regularises its targets
+                for p, sp in zip(self.critics[k].parameters(), self.slow_critics[k].parameters()):
+                    sp.lerp_(p, SLOW_CRITIC_MIX)
+        metrics["loss/model"] = model_loss.item()
+        return metrics
+
+
+def step(opt, loss, params, clip):
+    """Backward, clip the global gradient norm, Adam step. Returns the gradient norm before clipping."""
+    params = list(params)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return norm.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------
+def env_action(action, discrete):
+    return int(action.argmax()) if discrete else action.cpu().numpy().astype(np.float32)
+
+
+def action_spec(env):
+    space = env.action_space
+    if isinstance(space, gym.spaces.Discrete):
+        return int(space.n), True
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        return int(space.shape[0]), False
+    raise ValueError(f"unsupported action space {space}")
+
+
+def new_episode(env, replay, labeler, seed, episode, act_dim):
+    """Reset the env for episode number `episode` (seeded by it, so a resumed run meets the same episodes)
+    and store the reset step. Returns the first frame."""
+    obs, _ = env.reset(seed=int(np.random.SeedSequence([seed, episode]).generate_state(1)[0] % 2 ** 31))
+    replay.add(image=obs, action=np.zeros(act_dim, np.float32), is_first=True, is_terminal=False,
+               **labeler.reset(obs))
+    return obs
+
+
+def evaluate(agent, env, episodes, seed):
+    """Greedy episodes with the true task return. Returns (returns, frames of the first episode)."""
+    returns, frames = [], []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        carry, done, ret = None, False, 0.0
+        while not done:
+            if i == 0:
+                frames.append(obs)
+            action, carry = agent.policy(obs, carry, explore=False)
+            obs, r, terminated, truncated, _ = env.step(env_action(action, agent.discrete))
+            ret, done = ret + r, terminated or truncated
+        returns.append(ret)
+    return returns, np.stack(frames)
+
+
+def main(args: Args):
+    validate(args)
+    name = "viper" if args.reward == "viper" else "dreamer"
+    out = args.output_dir or os.path.join("runs", f"{args.env_id}__{name}__{args.seed}__{int(time.time())}")
+    files = run_files(out, args.resume)  # paths of agent.pt, replay.npz, ...; refuses to overwrite a run
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    # VIPER: the frozen video model (checked before anything is written; make_env gives 64px frames)
+    reward_model = load_reward_model(args, device, 64) if args.reward == "viper" else None
+    os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed + 1)
+    act_dim, discrete = action_spec(env)
+    agent = Dreamer(args, act_dim, discrete).to(device)
+    labeler = StepRewards(args, reward_model)
+    replay = Replay(args.replay_capacity, env.observation_space.shape, act_dim, labeler.fields)
+    keep_freed_memory()  # after the replay's lazy allocation
+    # episode_returns: (VIPER return, task return) of the last CORR_EPISODES episodes, for their correlation
+    # wall_time_s: seconds of this run up to its last checkpoint, summed over resumes (run.json)
+    counters = dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[], wall_time_s=0.0)
+    if args.resume:  # weights, optimisers, counters, RNG states and replay as they were at the checkpoint
+        counters, rng = resume(files, args, agent, replay, device)
+    log = RunLog(out, args, counters, load_references(args))
+
+    obs = new_episode(env, replay, labeler, args.seed, counters["episodes"], act_dim)
+    carry, ep_ret, ep_viper, ep_len = None, 0.0, 0.0, 0  # ep_viper: the VIPER return over ep_ret's steps
+    updates_per_step = args.train_ratio / (args.batch_size * args.batch_length)
+    metrics, last_eval, t_start, wall_before = {}, None, time.time(), counters["wall_time_s"]
+    bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"{name} {args.env_id}", smoothing=0.05)
+    with deferred_sigint() as interrupted:  # Ctrl-C: finish this env step, save a checkpoint, exit cleanly
+        while counters["step"] < args.total_steps and not interrupted:
+            # act: uniform random actions during the prefill, then samples of the actor
+            if counters["step"] < args.prefill:
+                action = (F.one_hot(torch.tensor(rng.integers(act_dim)), act_dim).float() if discrete
+                          else torch.as_tensor(rng.uniform(-1, 1, act_dim), dtype=torch.float32))
+            else:
+                action, carry = agent.policy(obs, carry, explore=True)
+            action = action.cpu().numpy()
+            obs, r, terminated, truncated, _ = env.step(env_action(torch.as_tensor(action), discrete))
+            labels = labeler(obs, r)  # the step's rewards, computed once, here
+            replay.add(image=obs, action=action, is_first=False, is_terminal=terminated, **labels)
+            counters["step"] += 1
+            ep_ret, ep_viper, ep_len = ep_ret + r, ep_viper + labels.get("density", 0.0), ep_len + 1
+            bar.update(1)
+            if terminated or truncated:
+                counters["episodes"] += 1
+                log.episode(counters, ep_ret, ep_viper if reward_model is not None else None, ep_len)
+                bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"],
+                                **({"viper": f"{ep_viper:.0f}"} if reward_model is not None else {}))
+                obs = new_episode(env, replay, labeler, args.seed, counters["episodes"], act_dim)
+                carry, ep_ret, ep_viper, ep_len = None, 0.0, 0.0, 0
+
+            # learn: train_ratio replayed steps per env step, i.e. one update every 1 / updates_per_step steps
+            if counters["step"] >= args.prefill and len(replay) >= args.batch_length:
+                counters["credit"] += updates_per_step
+                while counters["credit"] >= 1.0:
+                    metrics = agent.train_step(replay.sample(args.batch_size, args.batch_length, rng))
+                    counters["credit"] -= 1.0
+                    counters["updates"] += 1
+                    check_finite(metrics, counters, files["agent.pt"])
+
+            s = counters["step"]
+            if s % args.log_every == 0:
+                log.scalars(s, counters, metrics, replay, labeler.seconds, args)
+            if s % args.eval_every == 0 or s == args.total_steps:
+                returns, frames = evaluate(agent, eval_env, args.eval_episodes, seed=10_000)
+                grid = (open_loop(agent, replay.sample(4, args.batch_length, rng))  # [truth/model/error, n, T, ...]
+                        if len(replay) >= args.batch_length else None)
+                log.evaluation(s, returns, frames, grid, wall_before + time.time() - t_start)
+                last_eval = f"{np.mean(returns):.1f}"
+                bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"])
+            if s % args.save_every == 0 or s == args.total_steps:
+                counters["wall_time_s"] = wall_before + time.time() - t_start
+                save_run(files, args, agent, replay, counters, act_dim, discrete)
+    bar.close()
+    if interrupted:
+        counters["wall_time_s"] = wall_before + time.time() - t_start
+        save_run(files, args, agent, replay, counters, act_dim, discrete)
+    log.writer.close()
+    env.close()
+    eval_env.close()
+    if interrupted:
+        print(f"interrupted at step {counters['step']}: saved {files['agent.pt']}; continue with the same command "
+              f"and --resume --output-dir {out}", file=sys.stderr)
+        raise SystemExit(130)  # the shell's status for Ctrl-C, as the other training scripts: a calling script stops
+    if reward_model is not None:
+        wall = time.time() - t_start
+        tqdm.write(f"VIPER reward computation: {labeler.seconds:.1f} s of {wall:.1f} s wall "
+                   f"({100 * labeler.seconds / max(wall, 1e-9):.1f}%)")
+    return agent, counters
+
+
+# =============================================================================================
+# Appendix A: run files and checks. Everything `main` needs that is not the algorithm: the output
+# directory, resuming, logs and csv files, checkpoints, run.json, Ctrl-C, flag checks, loading.
+# =============================================================================================
+def run_files(out, resume):
+    """Paths of the run's files in `out`. Refuses to start a new run over a finished one (or to resume
+    none), and removes the half-written files a kill during a save leaves."""
+    files = {f: os.path.join(out, f) for f in ("agent.pt", "replay.npz", "eval.csv", "episodes.csv", "run.json")}
+    if resume and not os.path.isfile(files["agent.pt"]):
+        raise FileNotFoundError(f"--resume: no checkpoint at {files['agent.pt']}")
+    for stale in (files["agent.pt"] + ".tmp", files["replay.npz"] + ".tmp.npz"):
+        if os.path.isfile(stale):
+            os.remove(stale)
+    if not resume and os.path.isfile(files["agent.pt"]):
+        raise FileExistsError(f"--output-dir {out!r} already holds a run (agent.pt): add --resume to continue it, "
+                              f"or choose another --output-dir (a new run here would overwrite it)")
+    return files
+
+
+def resume(files, args, agent, replay, device):
+    """Load the run as it was at its last checkpoint: weights, optimisers, RNG states, replay. Returns
+    (counters, the numpy Generator of replay sampling and prefill actions)."""
+    ckpt = upgrade_checkpoint(torch.load(files["agent.pt"], map_location=device, weights_only=False))
+    saved = args_from_checkpoint(ckpt["args"])
+    for key in ["env_id", "size", "reward", "reward_mode"]:
+        if getattr(saved, key) != getattr(args, key):
+            raise ValueError(f"--resume: checkpoint has --{key.replace('_', '-')} {getattr(saved, key)!r}, "
+                             f"this command {getattr(args, key)!r}")
+    if term_scales(saved) != term_scales(args):
+        raise ValueError(f"--resume: checkpoint has reward scales {term_scales(saved)}, this command "
+                         f"{term_scales(args)} (--density-scale, --disagreement-scale, --task-scale)")
+    agent.load_state_dict(ckpt["agent"])
+    load_optim_state(agent, ckpt["optim"])
+    run_json = files["run.json"]  # checkpoints older than wall_time_s: take run.json's
+    old_wall = json.load(open(run_json)).get("wall_time_s", 0.0) if os.path.isfile(run_json) else 0.0
+    counters = {"episode_returns": [], "wall_time_s": old_wall, **ckpt["counters"]}
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    random.setstate(ckpt["rng"]["python"])
+    if os.path.isfile(files["replay.npz"]):
+        replay.load(files["replay.npz"], counters["step"])
+    else:
+        tqdm.write(f"warning: {files['replay.npz']} not found; resuming with an empty replay")
+    tqdm.write(f"resumed {os.path.dirname(files['agent.pt'])} at step {counters['step']} "
+               f"({counters['updates']} updates, replay {len(replay)})")
+    return counters, np.random.default_rng([args.seed, counters["step"]])
+
+
+class RunLog:
+    """Tensorboard, eval.csv (one row per evaluation) and episodes.csv (one row per training episode)."""
+
+    def __init__(self, out, args, counters, references):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out, self.references, self.args = out, references, args
+        self.writer = SummaryWriter(out)
+        if not args.resume:
+            self.writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
+        if references:  # one chart: the agent's VIPER return per episode and the reference behaviours' as lines
+            self.writer.add_custom_scalars({"VIPER return per episode": {"agent vs reference behaviour": [
+                "Multiline", ["charts/episodic_viper_return", "reference/.*"]]}})
+        # on --resume, rows written after the checkpoint are dropped (that stretch is run again)
+        self.eval_csv, self.episodes_csv = os.path.join(out, "eval.csv"), os.path.join(out, "episodes.csv")
+        start_csv(self.eval_csv, "step,return,wall_time_s", counters["step"])
+        start_csv(self.episodes_csv, "step,return,viper_return,length", counters["step"])
+        self.last = (time.time(), counters["step"], counters["updates"], 0.0)  # at the last scalars log: time,
+        # env step, updates, seconds spent on VIPER rewards
+
+    def episode(self, counters, ret, viper_ret, length):
+        """A finished training episode: its true task return and, with VIPER, its VIPER return."""
+        s, w = counters["step"], self.writer
+        w.add_scalar("charts/episodic_return", ret, s)  # the true task return, whatever --reward is
+        w.add_scalar("charts/episodic_length", length, s)
+        with open(self.episodes_csv, "a") as f:
+            f.write(f"{s},{ret:.2f},{viper_ret if viper_ret is not None else float('nan'):.2f},{length}\n")
+        if viper_ret is not None:
+            w.add_scalar("charts/episodic_viper_return", viper_ret, s)
+            for name, value in self.references.items():
+                w.add_scalar(f"reference/{name}", value, s)
+            counters["episode_returns"] = (counters["episode_returns"] + [(viper_ret, ret)])[-CORR_EPISODES:]
+            corr = pearson(*zip(*counters["episode_returns"]))
+            if math.isfinite(corr):
+                w.add_scalar("charts/viper_task_return_corr", corr, s)
+
+    def scalars(self, s, counters, metrics, replay, reward_seconds, args):
+        t, step, updates, reward_s = self.last
+        dt, w = time.time() - t, self.writer
+        w.add_scalar("charts/SPS", (s - step) / dt, s)
+        w.add_scalar("charts/updates_per_second", (counters["updates"] - updates) / dt, s)
+        w.add_scalar("charts/train_ratio", counters["updates"] * args.batch_size * args.batch_length /
+                     max(1, s - args.prefill), s)
+        w.add_scalar("charts/replay_size", len(replay), s)
+        if args.reward == "viper":  # share of wall time spent encoding and scoring frames
+            w.add_scalar("charts/reward_time_share", (reward_seconds - reward_s) / dt, s)
+        for k, v in metrics.items():
+            w.add_scalar(k, v, s)
+        self.last = (time.time(), s, counters["updates"], reward_seconds)
+
+    def evaluation(self, s, returns, frames, grid, wall_time_s):
+        with open(self.eval_csv, "a") as f:
+            csv.writer(f).writerow([s, f"{np.mean(returns):.2f}", f"{wall_time_s:.0f}"])
+        self.writer.add_scalar("eval/return", np.mean(returns), s)
+        self.writer.add_scalar("eval/return_std", np.std(returns), s)
+        self.writer.add_image("eval/episode", film_strip(frames), s, dataformats="HWC")
+        save_gif(os.path.join(self.out, f"eval_{s}.gif"), frames)
+        if grid is not None:  # open-loop predictions [truth/model/error, n, T, H, W, 3]: rows of 16 frames
+            rows = [film_strip(grid[r, j, :32], 16) for j in range(grid.shape[1]) for r in range(3)]
+            self.writer.add_image("world_model/open_loop_truth_model_error", np.concatenate(rows, 0), s,
+                                  dataformats="HWC")
+
+
+def check_finite(metrics, counters, ckpt_path):
+    """Stop before a checkpoint can store broken weights over the last good ones."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"update {counters['updates']} (env step {counters['step']}) gave non-finite {', '.join(bad)}; "
+            f"{ckpt_path if os.path.isfile(ckpt_path) else 'no checkpoint'} holds the last good state. "
+            f"Try lower learning rates (--model-lr, --actor-lr, --critic-lr)")
+
+
+def save_run(files, args, agent, replay, counters, act_dim, discrete):
+    if args.save_replay:  # the replay first: a kill between the two files leaves a replay newer than
+        replay.save(files["replay.npz"], counters["step"])  # agent.pt, which --resume detects by its step
+    save_checkpoint(files["agent.pt"], agent, counters, args, act_dim, discrete)
+    write_run_json(files["run.json"], args, counters)
+
+
+def optim_state(agent):
+    return dict(model=agent.model_opt.state_dict(), actor=agent.actor_opt.state_dict(),
+                critics={k: o.state_dict() for k, o in agent.critic_opts.items()},
+                ensemble=None if agent.ensemble_opt is None else agent.ensemble_opt.state_dict())
+
+
+def load_optim_state(agent, state):
+    agent.model_opt.load_state_dict(state["model"])
+    agent.actor_opt.load_state_dict(state["actor"])
+    for k, o in agent.critic_opts.items():
+        o.load_state_dict(state["critics"][k])
+    if agent.ensemble_opt is not None:
+        agent.ensemble_opt.load_state_dict(state["ensemble"])
+
+
+@torch.no_grad()
+def open_loop(agent, batch, context=5, n=4):
+    """Frames [3 rows (truth, model, |error|) x n sequences, T, 64, 64, 3] uint8: the world model observes
+    `context` frames, then predicts the rest from the replayed actions alone (logged at each evaluation)."""
+    device = agent.rssm.init_deter.device
+    b = {k: torch.as_tensor(v[:n], device=device) for k, v in batch.items()}
+    post, _ = agent.rssm.observe(agent.encoder(b["image"][:, :context]), b["action"][:, :context],
+                                 b["is_first"][:, :context])
+    state, states = {k: v[:, -1] for k, v in post.items()}, []
+    for t in range(context, b["image"].shape[1]):
+        state = agent.rssm.img_step(state, b["action"][:, t])
+        states.append(agent.rssm.feat(state))
+    feat = torch.cat([agent.rssm.feat(post), torch.stack(states, 1)], 1)
+    model = agent.decoder(feat).clamp(0, 1).permute(0, 1, 3, 4, 2)
+    truth = b["image"].float() / 255.0
+    frames = torch.stack([truth, model, (model - truth).abs()])
+    return (frames * 255).to(torch.uint8).cpu().numpy()
+
+
+def upgrade_checkpoint(ckpt):
+    """Checkpoints written before the reward terms had one name each: the task head was `heads.reward`,
+    the disagreement term `disag`, the ensemble's optimiser `expl`."""
+    def rename(key):
+        key = "heads.task." + key[len("heads.reward."):] if key.startswith("heads.reward.") else key
+        return key.replace(".disag.", ".disagreement.")
+
+    ckpt["agent"] = {rename(k): v for k, v in ckpt["agent"].items()}
+    if "optim" in ckpt:
+        optim = ckpt["optim"]
+        if "expl" in optim:
+            optim["ensemble"] = optim.pop("expl")
+        optim["critics"] = {("disagreement" if k == "disag" else k): v for k, v in optim["critics"].items()}
+    return ckpt
+
+
+def cli(argv=None):
+    """Args from the command line. --size and --reward are read first and choose the other flags' defaults
+    (`preset`), so `--help` shows the values a run will use; a flag given explicitly wins."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--size", choices=list(SIZES), default="cpu")
+    peek.add_argument("--reward", choices=["task", "viper"], default="task")
+    try:
+        known, _ = peek.parse_known_args(argv)
+    except SystemExit:  # a bad value: let tyro print its error with the full usage
+        known = argparse.Namespace(size="cpu", reward="task")
+    return tyro.cli(Args, args=argv, default=Args(**preset(known.size, known.reward)))
+
+
+# Flags renamed since older checkpoints were written (their args are read by `args_from_checkpoint`).
+RENAMED_FLAGS = {"expl_scale": "disagreement_scale", "task_reward_scale": "task_scale"}
+
+
+def args_from_checkpoint(saved: dict) -> Args:
+    """The Args of a saved run. Older checkpoints load too: renamed flags, `device` (now --cuda), and None
+    for "the preset's value" (the lrs and scales used to default to None)."""
+    d = {RENAMED_FLAGS.get(k, k): v for k, v in saved.items()}
+    if "device" in d:  # None meant "cuda if available", as --cuda does now
+        device = d.pop("device")
+        d["cuda"] = device is None or str(device).startswith("cuda")
+    base = preset(d.get("size", "cpu"), d.get("reward", "task"))
+    d = {k: base[k] if v is None and k in base else v for k, v in d.items()}
+    return Args(**{k: v for k, v in d.items() if k in Args.__dataclass_fields__})
+
+
+def validate(args):
+    if args.env_id not in VALID_ENV_IDS:
+        raise ValueError(f"unknown --env-id {args.env_id!r}; valid ids: {', '.join(VALID_ENV_IDS)}")
+    if args.size not in SIZES:
+        raise ValueError(f"unknown --size {args.size!r}; choose from {', '.join(SIZES)}")
+    for name in ["total_steps", "batch_size", "batch_length", "eval_every", "save_every", "log_every"]:
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.train_ratio <= 0:
+        raise ValueError(f"--train-ratio must be positive, got {args.train_ratio}")
+    if args.prefill < args.batch_length:
+        raise ValueError(f"--prefill ({args.prefill}) must be at least --batch-length ({args.batch_length})")
+    if args.replay_capacity < args.prefill:
+        raise ValueError(f"--replay-capacity ({args.replay_capacity}) must hold the --prefill ({args.prefill}) steps")
+    for name in ["model_lr", "actor_lr", "critic_lr", "adam_beta2"]:
+        if not 0 < getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(args, name)}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.eval_episodes < 1:
+        raise ValueError(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+    if args.resume and not args.output_dir:
+        raise ValueError("--resume needs --output-dir of the run to continue")
+    if args.reward not in ("task", "viper"):
+        raise ValueError(f"unknown --reward {args.reward!r}; choose task or viper")
+    if args.reward_mode not in ("conditional", "joint"):
+        raise ValueError(f"unknown --reward-mode {args.reward_mode!r}; choose conditional or joint")
+    if args.reward == "viper" and not args.reward_model:
+        raise ValueError("--reward viper needs --reward-model PATH (videogpt.pt written by train_videogpt.py)")
+    if args.reward == "task" and args.reward_model:
+        raise ValueError("--reward-model is only used with --reward viper")
+    if args.reward == "task" and args.reference_returns:
+        raise ValueError("--reference-returns is only used with --reward viper")
+    for flag in REWARD_TERMS.values():
+        if not (math.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
+    if args.reward == "task" and args.density_scale != 0:
+        raise ValueError("--density-scale needs --reward viper (the density is the video model's reward)")
+    if args.reward == "viper" and args.density_scale == 0:
+        raise ValueError("--reward viper with --density-scale 0 would load the video model and ignore it; in code, "
+                         "build Args(**preset(reward='viper'), ...) to get VIPER's defaults")
+    if not term_scales(args):
+        raise ValueError("--density-scale, --disagreement-scale and --task-scale are all 0: nothing to learn")
+
+
+def load_reward_model(args, device, frame_size):
+    """videogpt.pt -> RewardModel, checked against this run: its class map must know --env-id (the task
+    label) and its VQ-GAN must take the env's frames."""
+    if not os.path.isfile(args.reward_model):
+        raise FileNotFoundError(f"--reward-model {args.reward_model!r} does not exist")
+    ckpt = torch.load(args.reward_model, map_location="cpu", weights_only=False)
+    rm = load_videogpt(ckpt, device)
+    rm.labels(args.env_id)  # raises, listing the known tasks, if the class map lacks this one
+    tasks = ckpt.get("tasks")  # an unconditional model has no class map: its training tasks say what it knows
+    if tasks is not None and args.env_id not in tasks and not args.allow_new_task:
+        raise ValueError(f"--reward-model {args.reward_model!r} was trained on {tasks}, not on {args.env_id!r}: "
+                         f"its likelihood does not describe this task (add --allow-new-task to use it anyway)")
+    for module in (rm.model, rm.vqgan):
+        if not all(torch.isfinite(p).all() for p in module.state_dict().values() if p.is_floating_point()):
+            raise ValueError(f"--reward-model {args.reward_model!r} has non-finite (NaN/inf) weights: retrain it "
+                             f"(train_videogpt.py / train_vqgan.py with a lower learning rate)")
+    if rm.vqgan.image_size != frame_size:
+        raise ValueError(f"--reward-model {args.reward_model!r} takes {rm.vqgan.image_size}px frames; "
+                         f"{args.env_id} gives {frame_size}px")
+    return rm
+
+
+def load_references(args):
+    """{behaviour: mean VIPER return} from --reference-returns (eval.py reference's reference.json), checked
+    to be scored for this run's task and reward mode; {} without the flag."""
+    if not args.reference_returns:
+        return {}
+    if not os.path.isfile(args.reference_returns):
+        raise FileNotFoundError(f"--reference-returns {args.reference_returns!r} does not exist "
+                                f"(write it with: python eval.py reference --reward-model ... --env-id {args.env_id})")
+    with open(args.reference_returns) as f:
+        ref = json.load(f)
+    if (ref.get("env_id"), ref.get("mode")) != (args.env_id, args.reward_mode):
+        raise ValueError(f"--reference-returns {args.reference_returns!r} was scored for {ref.get('env_id')!r} "
+                         f"({ref.get('mode')}), this run is {args.env_id!r} ({args.reward_mode})")
+    return {k.replace(" ", "_").replace(",", ""): v["viper_return_mean"] for k, v in ref["behaviours"].items()}
+
+
+def start_csv(path, header, step):
+    """Create a csv with its header, or (on --resume) keep only the rows up to the checkpoint's step, so
+    that rows of a stretch that was run past the last checkpoint and is now repeated are not doubled."""
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            rows = [r for r in f.read().splitlines()[1:] if r and int(r.split(",")[0]) <= step]
+    with open(path, "w") as f:
+        f.write("\n".join([header, *rows]) + "\n")
+
+
+def pearson(x, y):
+    """Pearson correlation of two sequences; nan when either is constant or has fewer than 3 values."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def film_strip(frames, n=16):
+    """[T, H, W, 3] -> one [H, n*W, 3] image of n evenly spaced frames."""
+    idx = np.linspace(0, len(frames) - 1, min(n, len(frames))).astype(int)
+    return np.concatenate(list(frames[idx]), 1)
+
+
+def save_gif(path, frames, fps=25):
+    from PIL import Image
+
+    imgs = [Image.fromarray(f) for f in frames]
+    tmp = path + ".tmp.gif"
+    imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, agent, counters, args, act_dim, discrete):
+    ckpt = dict(kind="agent", agent=agent.state_dict(), optim=optim_state(agent), counters=counters, args=asdict(args),
+                act_dim=act_dim, discrete=discrete,
+                rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def write_run_json(path, args, counters):
+    """run.json: what a results table needs (see README, Results). The command and commit are those that
+    started the run; a --resume adds its own to `resumed_with`. eval.py agent adds the final_return_* keys."""
+    info = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            info = json.load(f)
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
+                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    command = shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    if "command" not in info:
+        info.update(command=command, commit=commit)
+    elif args.resume and (command, commit) not in [tuple(x) for x in info.get("resumed_with", [])]:
+        info["resumed_with"] = info.get("resumed_with", []) + [[command, commit]]
+    info.update(env_id=args.env_id, reward=args.reward, seed=args.seed, env_steps=counters["step"],
+                updates=counters["updates"], wall_time_s=round(counters["wall_time_s"], 1))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def deferred_sigint():
+    """Inside: Ctrl-C (SIGINT) only appends to the yielded list, which the main loop checks after every env
+    step, so the run stops between steps (never in the middle of an update) and saves there. A second
+    Ctrl-C raises KeyboardInterrupt at once."""
+    flag = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        flag.append(signum)
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def keep_freed_memory():
+    """glibc returns every freed block over 32 MB to the OS, so each update re-faults its large
+    activations page by page (~30% of CPU time at batch 16 x 64). Keep freed memory in the heap instead."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, not fresh mmaps
+        libc.mallopt(-1, 2 ** 30)  # M_TRIM_THRESHOLD: do not give back the heap top below 1 GB free
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+class AgentPolicy:
+    """Stateful policy (mode, or samples if explore): obs -> env action, keeping the RSSM latent between calls.
+
+    Call `reset()` at each episode start (the env's reset() is also hooked to do it).
+    """
+
+    def __init__(self, agent: Dreamer, env, explore=False):
+        self.agent, self.env, self.explore, self.carry = agent, env, explore, None
+
+    def reset(self):
+        self.carry = None
+
+    def __call__(self, obs):
+        action, self.carry = self.agent.policy(obs, self.carry, self.explore)
+        return env_action(action, self.agent.discrete)
+
+
+def load_agent_policy(checkpoint_path, env, device="cpu", explore=False):
+    """Load agent.pt written by this script and return a stateful policy (callable obs -> action, reset())
+    that acts with the mode of the actor, or with samples if explore."""
+    if not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"agent checkpoint {checkpoint_path!r} does not exist")
+    ckpt = upgrade_checkpoint(torch.load(checkpoint_path, map_location=device, weights_only=False))
+    args = args_from_checkpoint(ckpt["args"])
+    act_dim, discrete = action_spec(env)
+    if (act_dim, discrete) != (ckpt["act_dim"], ckpt["discrete"]):
+        raise ValueError(f"{checkpoint_path} was trained on {args.env_id} (action dim {ckpt['act_dim']}, "
+                         f"discrete={ckpt['discrete']}); this env has action dim {act_dim}, discrete={discrete}")
+    agent = Dreamer(args, act_dim, discrete).to(device)
+    agent.load_state_dict(ckpt["agent"])
+    agent.eval()
+    policy = AgentPolicy(agent, env, explore)
+    env_reset = env.reset
+
+    def reset(*a, **kw):  # a new episode must start from a fresh latent, even if the caller forgets
+        policy.reset()
+        return env_reset(*a, **kw)
+
+    env.reset = reset
+    return policy
+
+
+# =============================================================================================
+# Appendix B: the frozen VIPER reward model. Inference-only copies of the VQ-GAN (train_vqgan.py) and the
+# VideoGPT with its reward (train_videogpt.py), loaded from the self-contained videogpt.pt by
+# `load_videogpt`. Not part of the agent's story: the agent only calls `RewardModel` (encode, score).
+# =============================================================================================
 # ==== VQGAN: copied verbatim into train_videogpt.py and train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
 def vq_norm(c):
     return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
@@ -1006,815 +1901,5 @@ def load_videogpt(ckpt, device="cpu"):
 # ==== END VIDEOGPT ====
 
 
-# ---------------------------------------------------------------------------------------------
-# Reward terms: what each step is labelled with, which heads fit the labels, which critics learn
-# ---------------------------------------------------------------------------------------------
-def reward_scales(args):
-    """Weights of the three reward terms (flags where given, else the defaults of --reward)."""
-    viper = args.reward == "viper"
-    defaults = dict(density=1.0 if viper else 0.0, disag=1.0 if viper else 0.0, task=0.0 if viper else 1.0)
-    flags = dict(density=args.density_scale, disag=args.expl_scale, task=args.task_reward_scale)
-    return {k: defaults[k] if flags[k] is None else float(flags[k]) for k in defaults}
-
-
-def critic_scales(args):
-    """Reward terms the actor maximises (one critic each) and their weights: the terms with nonzero scale."""
-    return {k: v for k, v in reward_scales(args).items() if v != 0}
-
-
-def wm_heads(args):
-    """World-model two-hot heads: head name -> replay field it predicts (and the imagined reward it gives).
-
-    Only heads of terms with nonzero scale exist (official VIPER `grad_heads: [decoder, density, cont]`):
-    with --task-reward-scale 0 there is no reward head, so the env reward reaches no gradient at all.
-    """
-    scales = critic_scales(args)
-    return {name: field for name, field, term in [("reward", "reward", "task"), ("density", "density", "density")]
-            if term in scales}
-
-
-class StepRewards:
-    """Labels each step ONCE as it enters the replay: returns the replay reward fields of the step.
-
-    `reward`: the env reward (received on arriving at the step's frame; 0 at a reset). With a reward model
-    (VIPER) also `density`: the video model's reward of the step. Each new frame is encoded to codes once,
-    as it arrives; the episode's last (L-1)k+1 codes are kept (all a window of L frames with skip k can
-    reach) and the new step alone is scored with `rewards_from_codes(..., first_step=last)`, which equals
-    `compute_rewards` over the whole episode: while the episode is shorter than the window, nothing has
-    been dropped and the local index is the episode index (same first-steps rule); after that the local
-    index (L-1)k already gets a full window. The reset frame (step 0) is scored too, by the same rule
-    (log p(x_0) alone); it is not given 0 as the env reward is, because in log-likelihood units 0 is the
-    best possible reward: the density head would learn that reset-like states are the most expert-like.
-    """
-
-    def __init__(self, args, reward_model=None):
-        self.task, self.mode, self.rm = args.env_id, args.reward_mode, reward_model
-        self.fields = ("reward",) if reward_model is None else ("reward", "density")
-        self.keep = None if reward_model is None else (reward_model.seq_len - 1) * reward_model.frame_skip + 1
-        self.codes = None  # the current episode's last `keep` codes [n, h, w]
-        self.seconds = 0.0  # wall time spent encoding and scoring (logged as a share of the run's)
-
-    def _density(self, frame):
-        t0 = time.perf_counter()
-        code = self.rm.encode(np.ascontiguousarray(frame)[None, None])[0]  # [1, h, w]
-        self.codes = code if self.codes is None else torch.cat([self.codes, code])[-self.keep:]
-        r = self.rm.rewards_from_codes(self.codes[None], self.task, self.mode, first_step=len(self.codes) - 1)
-        self.seconds += time.perf_counter() - t0
-        return float(r[0, 0])
-
-    def reset(self, frame):
-        """A new episode starts with this (reset) frame; returns the fields of that first step."""
-        self.codes = None
-        return {"reward": 0.0} if self.rm is None else {"reward": 0.0, "density": self._density(frame)}
-
-    def __call__(self, frame, env_reward):
-        fields = {"reward": float(env_reward)}
-        if self.rm is not None:
-            fields["density"] = self._density(frame)
-        return fields
-
-
-def pearson(x, y):
-    """Pearson correlation of two sequences; nan when either is constant or has fewer than 3 values."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
-
-
-# ---------------------------------------------------------------------------------------------
-# Replay
-# ---------------------------------------------------------------------------------------------
-class Replay:
-    """Ring buffer of single env steps; samples uniformly chunks of consecutive steps.
-
-    Step t holds the frame x_t, the action that led to it (zeros at a reset), the reward received on
-    arriving at it, is_first (reset frame) and is_terminal (episode ended with no bootstrap).
-    """
-
-    def __init__(self, capacity, obs_shape, act_dim, reward_fields):
-        self.capacity, self.size, self.ptr = capacity, 0, 0
-        self.data = dict(image=np.zeros((capacity, *obs_shape), np.uint8), action=np.zeros((capacity, act_dim), np.float32),
-                         is_first=np.zeros(capacity, bool), is_terminal=np.zeros(capacity, bool))
-        for f in reward_fields:
-            self.data[f] = np.zeros(capacity, np.float32)
-
-    def __len__(self):
-        return self.size
-
-    def add(self, **step):
-        for k, v in step.items():
-            self.data[k][self.ptr] = v
-        self.ptr = (self.ptr + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
-
-    def sample(self, batch, length, rng):
-        if self.size < length:
-            raise ValueError(f"replay holds {self.size} steps, fewer than one chunk of {length}")
-        oldest = self.ptr if self.size == self.capacity else 0  # chunks must not wrap over the write head
-        starts = (oldest + rng.integers(0, self.size - length + 1, batch)) % self.capacity
-        idx = (starts[:, None] + np.arange(length)) % self.capacity
-        out = {k: v[idx] for k, v in self.data.items()}
-        out["is_first"][:, 0] = True  # every chunk starts from the initial latent
-        return out
-
-    def save(self, path, step):
-        """Atomic write; `step` (the run's env step) pairs the file with the agent.pt saved after it. Compressed:
-        env frames are mostly flat colour (cartpole: 53x smaller, and faster to write than the raw 12.3 KB/step)."""
-        tmp = path + ".tmp.npz"
-        np.savez_compressed(tmp, ptr=self.ptr, size=self.size, step=step,
-                            **{k: v[: self.size] for k, v in self.data.items()})
-        os.replace(tmp, path)
-
-    def load(self, path, step):
-        """Load a replay saved at env step `step` (the checkpoint's); any other step is an error."""
-        try:
-            with np.load(path) as f:
-                arrays = {k: f[k] for k in ["size", "ptr", *self.data, *(["step"] if "step" in f.files else [])]}
-        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated, not npz
-            raise ValueError(f"{path} is not a readable replay ({type(e).__name__}: {e}); delete it to resume "
-                             f"with an empty replay") from e
-        if "step" in arrays and int(arrays["step"]) != step:
-            raise ValueError(f"{path} was saved at step {int(arrays['step'])} but agent.pt at step {step} (a save "
-                             f"was interrupted between the two files): delete {path} to resume with an empty "
-                             f"replay, or start the run again")
-        size = int(arrays["size"])
-        if size > self.capacity:
-            raise ValueError(f"{path} holds {size} steps, more than --replay-capacity {self.capacity}")
-        for k in self.data:
-            self.data[k][:size] = arrays[k]
-        self.size, self.ptr = size, int(arrays["ptr"]) % self.capacity if size == self.capacity else size
-
-
-# ---------------------------------------------------------------------------------------------
-# Agent
-# ---------------------------------------------------------------------------------------------
-class Dreamer(nn.Module):
-    def __init__(self, args: Args, act_dim: int, discrete: bool):
-        super().__init__()
-        if args.size not in SIZES:
-            raise ValueError(f"unknown --size {args.size!r}; choose from {', '.join(SIZES)}")
-        s = SIZES[args.size]
-        self.act_dim, self.discrete, self.baseline_grad = act_dim, discrete, args.baseline_grad
-        self.encoder = ConvEncoder(s["depth"])
-        self.rssm = RSSM(act_dim, self.encoder.out_dim, s["deter"], s["units"], s["stoch"], s["classes"])
-        feat = self.rssm.feat_dim
-        self.decoder = ConvDecoder(feat, s["depth"])
-        self.wm_heads = wm_heads(args)
-        self.heads = nn.ModuleDict({name: TwoHotHead(feat, s["units"], s["layers"]) for name in self.wm_heads})
-        self.cont = nn.Sequential(mlp(feat, s["units"], s["layers"]), nn.Linear(s["units"], 1))
-        self.actor = Actor(feat, act_dim, discrete, s["units"], s["layers"])
-        self.scales = critic_scales(args)
-        self.critics = nn.ModuleDict({k: TwoHotHead(feat, s["units"], s["layers"]) for k in self.scales})
-        self.retnorms = nn.ModuleDict({k: ReturnNorm() for k in self.scales})
-        self.ensemble = (Ensemble(feat + act_dim, s["stoch"] * s["classes"], s["units"], s["layers"])
-                         if "disag" in self.scales else None)
-        init_weights(self)
-        for head in [*self.heads.values(), *self.critics.values()]:
-            init_weights(head.out, scale=0.0)  # zero-initialised two-hot outputs
-        self.slow_critics = copy.deepcopy(self.critics).requires_grad_(False)
-        self.to(memory_format=torch.channels_last)
-        self.world_model = nn.ModuleList([self.encoder, self.rssm, self.decoder, self.heads, self.cont])
-        opt = optimiser_settings(args)
-        betas = (0.9, opt["adam_beta2"])
-        self.model_opt = torch.optim.Adam(self.world_model.parameters(), lr=opt["model_lr"], eps=MODEL_EPS, betas=betas)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=opt["actor_lr"], eps=AC_EPS, betas=betas)
-        self.critic_opts = {k: torch.optim.Adam(c.parameters(), lr=opt["critic_lr"], eps=AC_EPS, betas=betas)
-                            for k, c in self.critics.items()}
-        # the ensemble's own optimiser: official expl_opt is lr 1e-4 (= the model's), eps 1e-5, clip 100
-        self.expl_opt = (torch.optim.Adam(self.ensemble.parameters(), lr=opt["model_lr"], eps=AC_EPS, betas=betas)
-                         if self.ensemble is not None else None)
-
-    def optim_state(self):
-        return dict(model=self.model_opt.state_dict(), actor=self.actor_opt.state_dict(),
-                    critics={k: o.state_dict() for k, o in self.critic_opts.items()},
-                    expl=None if self.expl_opt is None else self.expl_opt.state_dict())
-
-    def load_optim_state(self, state):
-        self.model_opt.load_state_dict(state["model"])
-        self.actor_opt.load_state_dict(state["actor"])
-        for k, o in self.critic_opts.items():
-            o.load_state_dict(state["critics"][k])
-        if self.expl_opt is not None:
-            self.expl_opt.load_state_dict(state["expl"])
-
-    # --- acting ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def policy(self, obs, carry, explore):
-        """One env step: obs uint8 [64, 64, 3]; carry = (latent, previous action) or None at a reset."""
-        device = self.rssm.init_deter.device
-        is_first = torch.tensor([carry is None], device=device)
-        if carry is None:
-            latent = {k: torch.zeros_like(v) for k, v in self.rssm.initial(1).items()}
-            carry = (latent, torch.zeros(1, self.act_dim, device=device))
-        embed = self.encoder(torch.as_tensor(np.ascontiguousarray(obs), device=device)[None])
-        latent = self.rssm.obs_step(carry[0], carry[1], embed, is_first)
-        dist = self.actor(self.rssm.feat(latent))
-        action = dist.sample() if explore else dist.mode
-        action = action.detach() if self.discrete else action.detach().clamp(-1.0, 1.0)
-        return action[0], (latent, action)
-
-    # --- learning -------------------------------------------------------------------------------
-    def imagined_rewards(self, traj):
-        """Reward of each imagined transition t -> t+1 [H, N] for every critic.
-
-        task, density: the reward / density head at the state it arrives at (replay step t is labelled with
-        the reward of arriving at frame t). disag: the ensemble's disagreement about that transition,
-        from (h_t, z_t, a_t).
-        """
-        heads = {"task": "reward", "density": "density"}
-        rewards = {k: self.heads[heads[k]](traj["feat"][1:]).mean for k in self.scales if k in heads}
-        if "disag" in self.scales:
-            rewards["disag"] = self.ensemble.disagreement(torch.cat([traj["feat"][:-1], traj["action"]], -1))
-        return rewards
-
-    def ensemble_loss(self, post, batch):
-        """Each member regresses (MSE summed over dims) z_{t+1} on (h_t, z_t, a_{t+1}) of replayed posterior
-        states (detached: the ensemble does not shape the world model). In the replay, action[t+1] led from
-        step t to t+1; pairs that cross an episode start are skipped."""
-        feat = self.rssm.feat({k: v.detach() for k, v in post.items()})
-        inp = torch.cat([feat[:, :-1], batch["action"][:, 1:]], -1)
-        target = post["stoch"][:, 1:].detach().flatten(-2)
-        mask = (~batch["is_first"][:, 1:]).float()
-        err = ((self.ensemble(inp).float() - target) ** 2).sum(-1)  # [members, B, T-1]
-        return ((err * mask).sum((1, 2)) / mask.sum().clamp(min=1)).sum()
-
-    def world_model_loss(self, batch):
-        embed = self.encoder(batch["image"])
-        post, prior_logits = self.rssm.observe(embed, batch["action"], batch["is_first"])
-        feat = self.rssm.feat(post)
-        target = batch["image"].permute(0, 1, 4, 2, 3).float() / 255.0
-        err = self.decoder(feat).float() - target
-        losses = {"image": (err * err).sum((-3, -2, -1))}  # MSE summed over pixels (x*x: faster than pow)
-        for name, field in self.wm_heads.items():
-            losses[name] = -self.heads[name](feat).log_prob(batch[field])
-        cont_target = 1.0 - batch["is_terminal"].float()
-        losses["cont"] = F.binary_cross_entropy_with_logits(self.cont(feat)[..., 0].float(), cont_target, reduction="none")
-        post_logits, prior_logits = post["logits"].float(), prior_logits.float()
-        dyn = kl_categorical(post_logits.detach(), prior_logits)
-        rep = kl_categorical(post_logits, prior_logits.detach())
-        losses["dyn"], losses["rep"] = torch.clamp(dyn, min=KL_FREE), torch.clamp(rep, min=KL_FREE)
-        scales = {"dyn": KL_DYN, "rep": KL_REP}
-        loss = sum(scales.get(k, 1.0) * v.mean() for k, v in losses.items())
-        metrics = {f"loss/{k}": v.mean().item() for k, v in losses.items()}
-        metrics.update({"world_model/kl": dyn.mean().item(), "world_model/post_entropy":
-                        -(post_logits.exp() * post_logits).sum((-2, -1)).mean().item()})
-        return loss, post, metrics
-
-    def imagine(self, start, start_cont, backprop):
-        """Roll the actor out in the world model for IMAG_HORIZON steps from start states [N]."""
-        state, feats, actions, dists = start, [self.rssm.feat(start)], [], []
-        for _ in range(IMAG_HORIZON):
-            dist = self.actor(feats[-1].detach())  # the actor sees stop-gradient states
-            action = dist.sample()
-            with torch.set_grad_enabled(backprop):  # REINFORCE needs no gradient through the dynamics
-                state = self.rssm.img_step(state, action if backprop else action.detach())
-            feats.append(self.rssm.feat(state))
-            actions.append(action)
-            dists.append(dist)
-        feat = torch.stack(feats)
-        with torch.no_grad():
-            cont = torch.cat([start_cont[None], (self.cont(feat[1:])[..., 0] > 0).float()])
-            weight = torch.cumprod(GAMMA * cont, 0) / GAMMA  # share of each state still inside the episode
-        return dict(feat=feat, action=torch.stack(actions), cont=cont, weight=weight), dists
-
-    def actor_critic_loss(self, traj, dists, backprop):
-        """Actor loss (mixing every critic's normalised advantage) and each critic's lambda-return target."""
-        rewards = self.imagined_rewards(traj)
-        adv, targets, metrics = 0.0, {}, {}
-        total = sum(self.scales.values())
-        for k, critic in self.critics.items():
-            value = critic(traj["feat"]).mean  # gradient flows into the states only for backprop
-            ret = lambda_returns(rewards[k].float(), value, traj["cont"][1:])
-            self.retnorms[k].update(ret)
-            scale = self.retnorms[k].scale()
-            base = value[:-1] if self.baseline_grad else value[:-1].detach()
-            adv = adv + self.scales[k] / total * (ret - base) / scale  # offset cancels in the difference
-            targets[k] = ret.detach()
-            metrics.update({f"imagination/{k}_reward": rewards[k].mean().item(), f"imagination/{k}_return":
-                            ret.mean().item(), f"imagination/{k}_return_scale": scale.item()})
-        logpi = torch.stack([d.log_prob(a.detach()) for d, a in zip(dists, traj["action"])])
-        ent = torch.stack([d.entropy() for d in dists])
-        loss = -adv if backprop else -logpi * adv.detach()
-        loss = ((loss - ACTOR_ENT * ent) * traj["weight"][:-1]).mean()
-        metrics.update({"loss/actor": loss.item(), "imagination/actor_entropy": ent.mean().item()})
-        return loss, targets, metrics
-
-    def critic_loss(self, k, traj, target):
-        feat, w = traj["feat"][:-1].detach(), traj["weight"][:-1]
-        dist = self.critics[k](feat)
-        with torch.no_grad():
-            slow = self.slow_critics[k](feat).mean
-        return ((-dist.log_prob(target) - SLOWREG * dist.log_prob(slow)) * w).mean()
-
-    def train_step(self, batch):
-        """One update of world model, actor and critics on a batch of replayed chunks (numpy dict [B, T])."""
-        device = self.rssm.init_deter.device
-        batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-
-        with autocast:
-            model_loss, post, metrics = self.world_model_loss(batch)
-        metrics["grad_norm/model"] = step(self.model_opt, model_loss, self.world_model.parameters(), MODEL_CLIP)
-        if self.ensemble is not None:
-            with autocast:
-                expl_loss = self.ensemble_loss(post, batch)
-            metrics["loss/ensemble"] = expl_loss.item()
-            metrics["grad_norm/ensemble"] = step(self.expl_opt, expl_loss, self.ensemble.parameters(), AC_CLIP)
-
-        backprop = not self.discrete  # continuous: backprop through dynamics; discrete: REINFORCE
-        start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
-        start_cont = 1.0 - batch["is_terminal"].flatten().float()
-        with frozen(self.world_model, self.critics, self.ensemble), autocast:
-            traj, dists = self.imagine(start, start_cont, backprop)
-            actor_loss, targets, m = self.actor_critic_loss(traj, dists, backprop)
-        metrics.update(m)
-        metrics["grad_norm/actor"] = step(self.actor_opt, actor_loss, self.actor.parameters(), AC_CLIP)
-
-        traj = {k: v.detach() for k, v in traj.items()}
-        for k in self.critics:
-            with autocast:
-                loss = self.critic_loss(k, traj, targets[k])
-            metrics[f"loss/critic_{k}"] = loss.item()
-            metrics[f"grad_norm/critic_{k}"] = step(self.critic_opts[k], loss, self.critics[k].parameters(),
-                                                    AC_CLIP)
-            with torch.no_grad():  # slow critic: EMA of the critic, regularises its targets
-                for p, sp in zip(self.critics[k].parameters(), self.slow_critics[k].parameters()):
-                    sp.lerp_(p, SLOW_CRITIC_MIX)
-        metrics["loss/model"] = model_loss.item()
-        return metrics
-
-    @torch.no_grad()
-    def open_loop(self, batch, context=5, n=4):
-        """Frames [3 rows (truth, model, |error|) x n sequences, T, 64, 64, 3] uint8: the model observes
-        `context` frames, then predicts the rest from the replayed actions alone."""
-        device = self.rssm.init_deter.device
-        b = {k: torch.as_tensor(v[:n], device=device) for k, v in batch.items()}
-        post, _ = self.rssm.observe(self.encoder(b["image"][:, :context]), b["action"][:, :context],
-                                    b["is_first"][:, :context])
-        state, states = {k: v[:, -1] for k, v in post.items()}, []
-        for t in range(context, b["image"].shape[1]):
-            state = self.rssm.img_step(state, b["action"][:, t])
-            states.append(self.rssm.feat(state))
-        feat = torch.cat([self.rssm.feat(post), torch.stack(states, 1)], 1)
-        model = self.decoder(feat).clamp(0, 1).permute(0, 1, 3, 4, 2)
-        truth = b["image"].float() / 255.0
-        frames = torch.stack([truth, model, (model - truth).abs()])
-        return (frames * 255).to(torch.uint8).cpu().numpy()
-
-
-def step(opt, loss, params, clip):
-    """Backward, clip the global gradient norm, Adam step. Returns the gradient norm before clipping."""
-    params = list(params)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    return norm.item()
-
-
-# ---------------------------------------------------------------------------------------------
-# Policy for other scripts (collect_expert_videos.py --policy agent)
-# ---------------------------------------------------------------------------------------------
-class AgentPolicy:
-    """Stateful policy (mode, or samples if explore): obs -> env action, keeping the RSSM latent between calls.
-
-    Call `reset()` at each episode start (the env's reset() is also hooked to do it).
-    """
-
-    def __init__(self, agent: Dreamer, env, explore=False):
-        self.agent, self.env, self.explore, self.carry = agent, env, explore, None
-
-    def reset(self):
-        self.carry = None
-
-    def __call__(self, obs):
-        action, self.carry = self.agent.policy(obs, self.carry, self.explore)
-        return env_action(action, self.agent.discrete)
-
-
-def env_action(action, discrete):
-    return int(action.argmax()) if discrete else action.cpu().numpy().astype(np.float32)
-
-
-def action_spec(env):
-    space = env.action_space
-    if isinstance(space, gym.spaces.Discrete):
-        return int(space.n), True
-    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
-        return int(space.shape[0]), False
-    raise ValueError(f"unsupported action space {space}")
-
-
-def load_agent_policy(checkpoint_path, env, device="cpu", explore=False):
-    """Load agent.pt written by this script and return a stateful policy (callable obs -> action, reset())
-    that acts with the mode of the actor, or with samples if explore."""
-    if not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"agent checkpoint {checkpoint_path!r} does not exist")
-    ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
-    args = Args(**ckpt["args"])
-    act_dim, discrete = action_spec(env)
-    if (act_dim, discrete) != (ckpt["act_dim"], ckpt["discrete"]):
-        raise ValueError(f"{checkpoint_path} was trained on {args.env_id} (action dim {ckpt['act_dim']}, "
-                         f"discrete={ckpt['discrete']}); this env has action dim {act_dim}, discrete={discrete}")
-    agent = Dreamer(args, act_dim, discrete).to(device)
-    agent.load_state_dict(ckpt["agent"])
-    agent.eval()
-    policy = AgentPolicy(agent, env, explore)
-    env_reset = env.reset
-
-    def reset(*a, **kw):  # a new episode must start from a fresh latent, even if the caller forgets
-        policy.reset()
-        return env_reset(*a, **kw)
-
-    env.reset = reset
-    return policy
-
-
-# ---------------------------------------------------------------------------------------------
-# Training loop
-# ---------------------------------------------------------------------------------------------
-def evaluate(agent, env, episodes, seed):
-    """Greedy episodes with the true task return. Returns (returns, frames of the first episode)."""
-    returns, frames = [], []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        carry, done, ret = None, False, 0.0
-        while not done:
-            if i == 0:
-                frames.append(obs)
-            action, carry = agent.policy(obs, carry, explore=False)
-            obs, r, terminated, truncated, _ = env.step(env_action(action, agent.discrete))
-            ret, done = ret + r, terminated or truncated
-        returns.append(ret)
-    return returns, np.stack(frames)
-
-
-def film_strip(frames, n=16):
-    """[T, H, W, 3] -> one [H, n*W, 3] image of n evenly spaced frames."""
-    idx = np.linspace(0, len(frames) - 1, min(n, len(frames))).astype(int)
-    return np.concatenate(list(frames[idx]), 1)
-
-
-def save_gif(path, frames, fps=25):
-    from PIL import Image
-
-    imgs = [Image.fromarray(f) for f in frames]
-    tmp = path + ".tmp.gif"
-    imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path, agent, counters, args, act_dim, discrete):
-    ckpt = dict(kind="agent", agent=agent.state_dict(), optim=agent.optim_state(), counters=counters, args=asdict(args),
-                act_dim=act_dim, discrete=discrete,
-                rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def write_run_json(path, args, counters):
-    """run.json: what a results table needs (see README, Results). The command and commit are those that
-    started the run; a --resume adds its own to `resumed_with`. eval.py agent adds the final_return_* keys."""
-    info = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            info = json.load(f)
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
-                                capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    command = shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])
-    if "command" not in info:
-        info.update(command=command, commit=commit)
-    elif args.resume and (command, commit) not in [tuple(x) for x in info.get("resumed_with", [])]:
-        info["resumed_with"] = info.get("resumed_with", []) + [[command, commit]]
-    info.update(env_id=args.env_id, reward=args.reward, seed=args.seed, env_steps=counters["step"],
-                updates=counters["updates"], wall_time_s=round(counters["wall_time_s"], 1))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def deferred_sigint():
-    """Inside: Ctrl-C (SIGINT) only appends to the yielded list, which the main loop checks after every env
-    step, so the run stops between steps (never in the middle of an update) and saves there. A second
-    Ctrl-C raises KeyboardInterrupt at once."""
-    flag = []
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield flag
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        flag.append(signum)
-        signal.signal(signal.SIGINT, previous)
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def keep_freed_memory():
-    """glibc returns every freed block over 32 MB to the OS, so each update re-faults its large
-    activations page by page (~30% of CPU time at batch 16 x 64). Keep freed memory in the heap instead."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap, not fresh mmaps
-        libc.mallopt(-1, 2 ** 30)  # M_TRIM_THRESHOLD: do not give back the heap top below 1 GB free
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def validate(args):
-    if args.env_id not in VALID_ENV_IDS:
-        raise ValueError(f"unknown --env-id {args.env_id!r}; valid ids: {', '.join(VALID_ENV_IDS)}")
-    if args.size not in SIZES:
-        raise ValueError(f"unknown --size {args.size!r}; choose from {', '.join(SIZES)}")
-    for name in ["total_steps", "batch_size", "batch_length", "eval_every", "save_every", "log_every"]:
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.train_ratio <= 0:
-        raise ValueError(f"--train-ratio must be positive, got {args.train_ratio}")
-    if args.prefill < args.batch_length:
-        raise ValueError(f"--prefill ({args.prefill}) must be at least --batch-length ({args.batch_length})")
-    if args.replay_capacity < args.prefill:
-        raise ValueError(f"--replay-capacity ({args.replay_capacity}) must hold the --prefill ({args.prefill}) steps")
-    for name, value in optimiser_settings(args).items():
-        if not 0 < value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1), got {value}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.eval_episodes < 1:
-        raise ValueError(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
-    if args.resume and not args.output_dir:
-        raise ValueError("--resume needs --output-dir of the run to continue")
-    if args.reward not in ("task", "viper"):
-        raise ValueError(f"unknown --reward {args.reward!r}; choose task or viper")
-    if args.reward_mode not in ("conditional", "joint"):
-        raise ValueError(f"unknown --reward-mode {args.reward_mode!r}; choose conditional or joint")
-    if args.reward == "viper" and not args.reward_model:
-        raise ValueError("--reward viper needs --reward-model PATH (videogpt.pt written by train_videogpt.py)")
-    if args.reward == "task" and args.reward_model:
-        raise ValueError("--reward-model is only used with --reward viper")
-    if args.reward == "task" and args.reference_returns:
-        raise ValueError("--reference-returns is only used with --reward viper")
-    flags = dict(density="--density-scale", disag="--expl-scale", task="--task-reward-scale")
-    for k, v in reward_scales(args).items():
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"{flags[k]} must be a finite number >= 0, got {v}")
-    if args.reward == "task" and reward_scales(args)["density"] != 0:
-        raise ValueError("--density-scale needs --reward viper (the density is the video model's reward)")
-    if not critic_scales(args):
-        raise ValueError("--density-scale, --expl-scale and --task-reward-scale are all 0: nothing to learn")
-
-
-def load_reward_model(args, device, frame_size):
-    """videogpt.pt -> RewardModel, checked against this run: its class map must know --env-id (the task
-    label) and its VQ-GAN must take the env's frames."""
-    if not os.path.isfile(args.reward_model):
-        raise FileNotFoundError(f"--reward-model {args.reward_model!r} does not exist")
-    ckpt = torch.load(args.reward_model, map_location="cpu", weights_only=False)
-    rm = load_videogpt(ckpt, device)
-    rm.labels(args.env_id)  # raises, listing the known tasks, if the class map lacks this one
-    tasks = ckpt.get("tasks")  # an unconditional model has no class map: its training tasks say what it knows
-    if tasks is not None and args.env_id not in tasks and not args.allow_new_task:
-        raise ValueError(f"--reward-model {args.reward_model!r} was trained on {tasks}, not on {args.env_id!r}: "
-                         f"its likelihood does not describe this task (add --allow-new-task to use it anyway)")
-    for module in (rm.model, rm.vqgan):
-        if not all(torch.isfinite(p).all() for p in module.state_dict().values() if p.is_floating_point()):
-            raise ValueError(f"--reward-model {args.reward_model!r} has non-finite (NaN/inf) weights: retrain it "
-                             f"(train_videogpt.py / train_vqgan.py with a lower learning rate)")
-    if rm.vqgan.image_size != frame_size:
-        raise ValueError(f"--reward-model {args.reward_model!r} takes {rm.vqgan.image_size}px frames; "
-                         f"{args.env_id} gives {frame_size}px")
-    return rm
-
-
-def load_references(args):
-    """{behaviour: mean VIPER return} from --reference-returns (eval.py reference's reference.json), checked
-    to be scored for this run's task and reward mode; {} without the flag."""
-    if not args.reference_returns:
-        return {}
-    if not os.path.isfile(args.reference_returns):
-        raise FileNotFoundError(f"--reference-returns {args.reference_returns!r} does not exist "
-                                f"(write it with: python eval.py reference --reward-model ... --env-id {args.env_id})")
-    with open(args.reference_returns) as f:
-        ref = json.load(f)
-    if (ref.get("env_id"), ref.get("mode")) != (args.env_id, args.reward_mode):
-        raise ValueError(f"--reference-returns {args.reference_returns!r} was scored for {ref.get('env_id')!r} "
-                         f"({ref.get('mode')}), this run is {args.env_id!r} ({args.reward_mode})")
-    return {k.replace(" ", "_").replace(",", ""): v["viper_return_mean"] for k, v in ref["behaviours"].items()}
-
-
-def start_csv(path, header, step):
-    """Create a csv with its header, or (on --resume) keep only the rows up to the checkpoint's step, so
-    that rows of a stretch that was run past the last checkpoint and is now repeated are not doubled."""
-    rows = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            rows = [r for r in f.read().splitlines()[1:] if r and int(r.split(",")[0]) <= step]
-    with open(path, "w") as f:
-        f.write("\n".join([header, *rows]) + "\n")
-
-
-def main(args: Args):
-    validate(args)
-    from torch.utils.tensorboard import SummaryWriter
-
-    name = "viper" if args.reward == "viper" else "dreamer"
-    out = args.output_dir or os.path.join("runs", f"{args.env_id}__{name}__{args.seed}__{int(time.time())}")
-    ckpt_path, replay_path, csv_path, episodes_path = (
-        os.path.join(out, f) for f in ("agent.pt", "replay.npz", "eval.csv", "episodes.csv"))
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    for stale in (ckpt_path + ".tmp", replay_path + ".tmp.npz"):  # left by a kill during a save: incomplete
-        if os.path.isfile(stale):
-            os.remove(stale)
-    if not args.resume and os.path.isfile(ckpt_path):
-        raise FileExistsError(f"--output-dir {out!r} already holds a run (agent.pt): add --resume to continue it, "
-                              f"or choose another --output-dir (a new run here would overwrite it)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # VIPER: the frozen video model (checked before anything is written; make_env gives 64px frames)
-    reward_model = load_reward_model(args, device, 64) if args.reward == "viper" else None
-    os.makedirs(out, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-
-    env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed + 1)
-    act_dim, discrete = action_spec(env)
-    agent = Dreamer(args, act_dim, discrete).to(device)
-    labeler = StepRewards(args, reward_model)
-    replay = Replay(args.replay_capacity, env.observation_space.shape, act_dim, labeler.fields)
-    keep_freed_memory()  # after the replay's lazy allocation
-    # episode_returns: (VIPER return, task return) of the last CORR_EPISODES episodes, for their correlation
-    # wall_time_s: seconds of this run up to its last checkpoint, summed over resumes (run.json)
-    counters = dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[], wall_time_s=0.0)
-    if args.resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved = Args(**ckpt["args"])
-        for key in ["env_id", "size", "reward", "reward_mode"]:
-            if getattr(saved, key) != getattr(args, key):
-                raise ValueError(f"--resume: checkpoint has --{key.replace('_', '-')} {getattr(saved, key)!r}, "
-                                 f"this command {getattr(args, key)!r}")
-        if reward_scales(saved) != reward_scales(args):
-            raise ValueError(f"--resume: checkpoint has reward scales {reward_scales(saved)}, this command "
-                             f"{reward_scales(args)} (--density-scale, --expl-scale, --task-reward-scale)")
-        agent.load_state_dict(ckpt["agent"])
-        agent.load_optim_state(ckpt["optim"])
-        run_json = os.path.join(out, "run.json")  # checkpoints older than wall_time_s: take run.json's
-        old_wall = json.load(open(run_json)).get("wall_time_s", 0.0) if os.path.isfile(run_json) else 0.0
-        counters = {"episode_returns": [], "wall_time_s": old_wall, **ckpt["counters"]}
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
-        rng = np.random.default_rng([args.seed, counters["step"]])
-        if os.path.isfile(replay_path):
-            replay.load(replay_path, counters["step"])
-        else:
-            tqdm.write(f"warning: {replay_path} not found; resuming with an empty replay")
-        tqdm.write(f"resumed {out} at step {counters['step']} ({counters['updates']} updates, replay {len(replay)})")
-    references = load_references(args)
-    writer = SummaryWriter(out)
-    if not args.resume:
-        writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
-    if references:  # one chart: the agent's VIPER return per episode and the reference behaviours' as lines
-        writer.add_custom_scalars({"VIPER return per episode": {"agent vs reference behaviour": [
-            "Multiline", ["charts/episodic_viper_return", "reference/.*"]]}})
-    # one row per evaluation / training episode; on --resume, rows written after the checkpoint are dropped
-    start_csv(csv_path, "step,return,wall_time_s", counters["step"])
-    start_csv(episodes_path, "step,return,viper_return,length", counters["step"])
-
-    def new_episode():
-        seed = int(np.random.SeedSequence([args.seed, counters["episodes"]]).generate_state(1)[0] % 2 ** 31)
-        obs, _ = env.reset(seed=seed)
-        replay.add(image=obs, action=np.zeros(act_dim, np.float32), is_first=True, is_terminal=False,
-                   **labeler.reset(obs))
-        return obs
-
-    def run_eval():
-        rets, frames = evaluate(agent, eval_env, args.eval_episodes, seed=10_000)
-        step_ = counters["step"]
-        with open(csv_path, "a") as f:
-            csv.writer(f).writerow([step_, f"{np.mean(rets):.2f}", f"{wall_before + time.time() - t_start:.0f}"])
-        writer.add_scalar("eval/return", np.mean(rets), step_)
-        writer.add_scalar("eval/return_std", np.std(rets), step_)
-        writer.add_image("eval/episode", film_strip(frames), step_, dataformats="HWC")
-        save_gif(os.path.join(out, f"eval_{step_}.gif"), frames)
-        if len(replay) >= args.batch_length:
-            grid = agent.open_loop(replay.sample(4, args.batch_length, rng))  # [3, n, T, H, W, 3]
-            rows = [film_strip(grid[r, j, :32], 16) for j in range(grid.shape[1]) for r in range(3)]
-            writer.add_image("world_model/open_loop_truth_model_error", np.concatenate(rows, 0), step_,
-                             dataformats="HWC")
-        return float(np.mean(rets))
-
-    def checkpoint():
-        counters["wall_time_s"] = wall_before + time.time() - t_start  # the run's wall time, over resumes
-        if args.save_replay:  # the replay first: a kill between the two files leaves a replay newer than
-            replay.save(replay_path, counters["step"])  # agent.pt, which --resume detects by its step
-        save_checkpoint(ckpt_path, agent, counters, args, act_dim, discrete)
-        write_run_json(os.path.join(out, "run.json"), args, counters)
-
-    def end_episode():
-        """Log the finished episode: true task return and, with VIPER, its VIPER return and their correlation."""
-        counters["episodes"] += 1
-        s_ = counters["step"]
-        writer.add_scalar("charts/episodic_return", ep_ret, s_)  # the true task return, whatever --reward is
-        writer.add_scalar("charts/episodic_length", ep_len, s_)
-        with open(episodes_path, "a") as f:
-            f.write(f"{s_},{ep_ret:.2f},{ep_viper if reward_model is not None else float('nan'):.2f},{ep_len}\n")
-        if reward_model is not None:
-            writer.add_scalar("charts/episodic_viper_return", ep_viper, s_)
-            for name, value in references.items():
-                writer.add_scalar(f"reference/{name}", value, s_)
-            counters["episode_returns"] = (counters["episode_returns"] + [(ep_viper, ep_ret)])[-CORR_EPISODES:]
-            corr = pearson(*zip(*counters["episode_returns"]))
-            if math.isfinite(corr):
-                writer.add_scalar("charts/viper_task_return_corr", corr, s_)
-
-    # ep_viper: the VIPER return, summed over the same steps as the task return (those after the reset frame)
-    obs, carry, ep_ret, ep_viper, ep_len = new_episode(), None, 0.0, 0.0, 0
-    updates_per_step = args.train_ratio / (args.batch_size * args.batch_length)
-    last_eval, t_log, step_log, upd_log, metrics = None, time.time(), counters["step"], counters["updates"], {}
-    t_start, reward_s_log, wall_before = time.time(), labeler.seconds, counters["wall_time_s"]
-    bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"{name} {args.env_id}", smoothing=0.05)
-    with deferred_sigint() as interrupted:  # Ctrl-C: finish this env step, save a checkpoint, exit cleanly
-        while counters["step"] < args.total_steps and not interrupted:
-            if counters["step"] < args.prefill:
-                action = (F.one_hot(torch.tensor(rng.integers(act_dim)), act_dim).float() if discrete
-                          else torch.as_tensor(rng.uniform(-1, 1, act_dim), dtype=torch.float32))
-            else:
-                action, carry = agent.policy(obs, carry, explore=True)
-            action = action.cpu().numpy()
-            obs, r, terminated, truncated, _ = env.step(env_action(torch.as_tensor(action), discrete))
-            labels = labeler(obs, r)  # the step's rewards, computed once, here
-            replay.add(image=obs, action=action, is_first=False, is_terminal=terminated, **labels)
-            counters["step"] += 1
-            ep_ret, ep_viper, ep_len = ep_ret + r, ep_viper + labels.get("density", 0.0), ep_len + 1
-            bar.update(1)
-            if terminated or truncated:
-                end_episode()
-                bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"],
-                                **({"viper": f"{ep_viper:.0f}"} if reward_model is not None else {}))
-                obs, carry, ep_ret, ep_viper, ep_len = new_episode(), None, 0.0, 0.0, 0
-
-            if counters["step"] >= args.prefill and len(replay) >= args.batch_length:
-                counters["credit"] += updates_per_step
-                while counters["credit"] >= 1.0:
-                    metrics = agent.train_step(replay.sample(args.batch_size, args.batch_length, rng))
-                    counters["credit"] -= 1.0
-                    counters["updates"] += 1
-                    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-                    if bad:  # stop before a checkpoint can store the broken weights over the last good ones
-                        raise FloatingPointError(
-                            f"update {counters['updates']} (env step {counters['step']}) gave non-finite {', '.join(bad)}; "
-                            f"{ckpt_path if os.path.isfile(ckpt_path) else 'no checkpoint'} holds the last good state. "
-                            f"Try lower learning rates (--model-lr, --actor-lr, --critic-lr)")
-
-            s = counters["step"]
-            if s % args.log_every == 0:
-                dt = time.time() - t_log
-                writer.add_scalar("charts/SPS", (s - step_log) / dt, s)
-                writer.add_scalar("charts/updates_per_second", (counters["updates"] - upd_log) / dt, s)
-                writer.add_scalar("charts/train_ratio", counters["updates"] * args.batch_size * args.batch_length /
-                                  max(1, s - args.prefill), s)
-                writer.add_scalar("charts/replay_size", len(replay), s)
-                if reward_model is not None:  # share of wall time spent encoding and scoring frames
-                    writer.add_scalar("charts/reward_time_share", (labeler.seconds - reward_s_log) / dt, s)
-                for k, v in metrics.items():
-                    writer.add_scalar(k, v, s)
-                t_log, step_log, upd_log, reward_s_log = time.time(), s, counters["updates"], labeler.seconds
-            if s % args.eval_every == 0 or s == args.total_steps:
-                last_eval = f"{run_eval():.1f}"
-                bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"])
-            if s % args.save_every == 0 or s == args.total_steps:
-                checkpoint()
-    bar.close()
-    if interrupted:
-        checkpoint()
-        writer.close()
-        print(f"interrupted at step {counters['step']}: saved {ckpt_path}; continue with the same command and "
-              f"--resume --output-dir {out}", file=sys.stderr)
-        raise SystemExit(130)  # the shell's status for Ctrl-C, as the other training scripts: a calling script stops
-    if reward_model is not None:
-        wall = time.time() - t_start
-        tqdm.write(f"VIPER reward computation: {labeler.seconds:.1f} s of {wall:.1f} s wall "
-                   f"({100 * labeler.seconds / max(wall, 1e-9):.1f}%)")
-    writer.close()
-    env.close()
-    eval_env.close()
-    return agent, counters
-
-
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli())

@@ -1,6 +1,6 @@
 """Benchmark of train_viper_dreamer.py on this machine: updates/s, env steps/s, and the projected time of
 100k env steps on dmc_cartpole_balance, for the task oracle and for VIPER (density + disagreement, and
---expl-scale 0), with each update split into its parts and VIPER's reward scoring per env step.
+--disagreement-scale 0), with each update split into its parts and VIPER's reward scoring per env step.
 
 An update = world model + imagination + actor + critic on one replayed batch (random frames: speed does
 not depend on content). Env steps/s = the acting loop alone (render + policy forward), no training.
@@ -23,7 +23,7 @@ import train_viper_dreamer as td  # noqa: E402
 
 # name, size, batch_size, batch_length, train_ratio (replayed steps per env step), timed updates, reward flags
 ORACLE, VIPER, VIPER_NOEXPL = {}, dict(reward="viper", reward_model="bench"), dict(reward="viper", reward_model="bench",
-                                                                                   expl_scale=0.0)
+                                                                                   disagreement_scale=0.0)
 CONFIGS = [
     ("cpu, recipe", "cpu", 4, 32, 64.0, 8, ORACLE),
     ("VIPER cpu, recipe", "cpu", 4, 32, 64.0, 8, VIPER),
@@ -71,7 +71,7 @@ class PartTimer:
         def part_of_step(opt, *a):
             ag = self.agent
             return {id(ag.model_opt): "world model", id(ag.actor_opt): "actor",
-                    id(ag.expl_opt): "ensemble"}.get(id(opt), "critics")
+                    id(ag.ensemble_opt): "ensemble"}.get(id(opt), "critics")
 
         self.wrap(td, "step", part_of_step)
         return self
@@ -106,13 +106,13 @@ def main():
     rng = np.random.default_rng(0)
     env = td.make_env(ENV_ID, 0)
     act_dim, discrete = td.action_spec(env)
-    replay = td.Replay(2000, (64, 64, 3), act_dim, ["reward", "density"])
+    replay = td.Replay(2000, (64, 64, 3), act_dim, ["task", "density"])
     for t in range(1000):
         replay.add(image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, act_dim),
-                   reward=float(rng.random()), density=-float(rng.random()), is_first=t % 500 == 0,
+                   task=float(rng.random()), density=-float(rng.random()), is_first=t % 500 == 0,
                    is_terminal=False)
     # VIPER's reward scoring per env step (encode the new frame, score its window), as the agent does it
-    labeler = td.StepRewards(td.Args(env_id=ENV_ID, **VIPER), bench_reward_model())
+    labeler = td.StepRewards(td.Args(env_id=ENV_ID, **{**td.preset(reward="viper"), **VIPER}), bench_reward_model())
     frames = rng.integers(0, 256, (60, 64, 64, 3), dtype=np.uint8)
     labeler.reset(frames[0])
     score_wall, score_cpu = timed(lambda: [labeler(f, 0.0) for f in frames[1:]], 1)
@@ -126,7 +126,7 @@ def main():
     parts = {}
     for name, size, B, L, ratio, n, flags in CONFIGS:
         torch.manual_seed(0)
-        agent = td.Dreamer(td.Args(size=size, **flags), act_dim, discrete).to(device)
+        agent = td.Dreamer(td.Args(**{**td.preset(size, flags.get("reward", "task")), **flags}), act_dim, discrete).to(device)
         params = sum(p.numel() for p in agent.parameters()) / 1e6
         with PartTimer() as timer:
             timer.agent = agent

@@ -101,12 +101,12 @@ def timed(fn):
 def bench(size, reps, peer_dir, dreamer, rng):
     B, L = BATCH[size]
     act_dim, discrete = ACT_DIM, False
-    replay = td.Replay(2000, (64, 64, 3), act_dim, ["reward"])
+    replay = td.Replay(2000, (64, 64, 3), act_dim, ["task"])  # the env reward: ours calls it `task`
     for t in range(1000):
         replay.add(image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, act_dim),
-                   reward=float(rng.random()), is_first=t % 500 == 0, is_terminal=False)
+                   task=float(rng.random()), is_first=t % 500 == 0, is_terminal=False)
     torch.manual_seed(0)
-    ours = td.Dreamer(td.Args(size=size), act_dim, discrete)
+    ours = td.Dreamer(td.Args(**td.preset(size)), act_dim, discrete)
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # the peer prints its shapes and optimiser sizes
         peer = make_peer(dreamer, peer_config(peer_dir, size, B, L, act_dim))
     run = {"ours": lambda b: ours.train_step(b), "peer": lambda b: peer._train(b)}
@@ -115,6 +115,7 @@ def bench(size, reps, peer_dir, dreamer, rng):
     times = {k: [] for k in run}
     for i in range(reps + 1):  # the first round is the warm-up
         batch = replay.sample(B, L, rng)
+        batch["reward"] = batch["task"]  # the peer's name; ours ignores it
         for k in (["ours", "peer"] if i % 2 == 0 else ["peer", "ours"]):
             t = timed(lambda: run[k]({n: v.copy() for n, v in batch.items()}))
             if i > 0:

@@ -98,6 +98,7 @@ def test_sigint_to_a_running_agent_saves_and_exits_130(tmp_path):
 
 # flags whose default really is None (an optional path or number), as their --help says
 NONE_DEFAULTS = {
+    "train_viper_dreamer.py": set(),  # its optional paths show PATH and what their absence means
     "collect_expert_videos.py": {"--agent-checkpoint"},
     "train_vqgan.py": {"--perceptual-weights", "--output-dir"},
     "train_videogpt.py": {"--tasks", "--random-data-dir", "--output-dir"},

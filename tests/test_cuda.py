@@ -45,7 +45,7 @@ def test_videogpt_trains_on_cuda_and_scores_like_cpu(workdir, tmp_path):  # noqa
 def test_agent_trains_on_cuda_and_its_checkpoint_acts_on_cpu(tmp_path, reward):
     model = make_videogpt(tmp_path / "videogpt.pt")
     kw = dict(baseline_grad=False) if reward == "task" else {}
-    agent, counters, _ = run(tmp_path / "run", model, device="cuda", reward=reward,
+    agent, counters, _ = run(tmp_path / "run", model, cuda=True, reward=reward,
                              reward_model=model if reward == "viper" else None, **kw)
     assert counters["updates"] > 0
     assert all(p.is_cuda and torch.isfinite(p).all() for p in agent.parameters())

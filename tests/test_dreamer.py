@@ -159,16 +159,16 @@ def test_train_step_updates_everything():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     agent = td.Dreamer(td.Args(size="cpu"), 1, False)
-    replay = td.Replay(100, (64, 64, 3), 1, ["reward"])
+    replay = td.Replay(100, (64, 64, 3), 1, ["task"])
     for t in range(60):
         replay.add(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, 1),
-                   reward=float(t % 3), is_first=t % 25 == 0, is_terminal=False)
+                   task=float(t % 3), is_first=t % 25 == 0, is_terminal=False)
     batch = replay.sample(2, 10, rng)
     assert batch["image"].shape == (2, 10, 64, 64, 3) and batch["is_first"][:, 0].all()
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     metrics = agent.train_step(batch)
     after = agent.state_dict()
-    for prefix in ["encoder.", "rssm.", "decoder.", "heads.reward.", "cont.", "actor.", "critics.task.",
+    for prefix in ["encoder.", "rssm.", "decoder.", "heads.task.", "cont.", "actor.", "critics.task.",
                    "slow_critics.task.", "retnorms.task."]:
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
     assert all(np.isfinite(v) for v in metrics.values())
@@ -176,12 +176,12 @@ def test_train_step_updates_everything():
 
 def test_replay_ring_buffer_never_samples_across_write_head():
     rng = np.random.default_rng(0)
-    replay = td.Replay(10, (2, 2, 3), 1, ["reward"])
+    replay = td.Replay(10, (2, 2, 3), 1, ["task"])
     for t in range(23):  # wraps twice; holds steps 13..22
-        replay.add(image=np.full((2, 2, 3), t, np.uint8), action=np.zeros(1), reward=float(t), is_first=False,
+        replay.add(image=np.full((2, 2, 3), t, np.uint8), action=np.zeros(1), task=float(t), is_first=False,
                    is_terminal=False)
     batch = replay.sample(200, 4, rng)
-    steps = batch["reward"]
+    steps = batch["task"]
     assert steps.min() >= 13 and steps.max() <= 22
     np.testing.assert_array_equal(np.diff(steps, axis=1), 1)  # consecutive steps, in order
 
@@ -191,6 +191,23 @@ def test_bad_inputs_are_named():
         td.main(td.Args(env_id="dmc_cartpole_balanc"))
     with pytest.raises(ValueError, match="--prefill"):
         td.main(td.Args(prefill=10, batch_length=64))
+
+
+def test_size_and_reward_choose_the_defaults_an_explicit_flag_wins():
+    assert td.cli([]) == td.Args()  # the bare command is the CPU recipe with the task reward
+    assert td.Args() == td.Args(**td.preset("cpu", "task"))  # the dataclass defaults are that preset
+    paper = td.cli(["--size", "S"])
+    assert (paper.model_lr, paper.actor_lr, paper.adam_beta2) == (1e-4, 3e-5, 0.999)
+    viper = td.cli(["--reward-model", "m.pt", "--reward=viper", "--disagreement-scale", "0.1"])
+    assert (viper.density_scale, viper.disagreement_scale, viper.task_scale) == (1.0, 0.1, 0.0)
+    assert td.cli(["--size", "XS", "--model-lr", "2e-4"]).model_lr == 2e-4
+
+
+def test_help_prints_no_none_default(capsys):
+    for argv in (["--help"], ["--reward", "viper", "--size", "S", "--help"]):
+        with pytest.raises(SystemExit):
+            td.cli(argv)
+        assert "None" not in capsys.readouterr().out
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -231,7 +248,7 @@ def test_resume_continues_at_saved_step_with_same_optimiser_state(dmc_run):
     saved = torch.load(out / "agent.pt", weights_only=False)
     agent, counters = td.main(tiny_args(out, "dmc_cartpole_balance", resume=True))  # nothing left to do
     assert counters["step"] == 300 and counters["updates"] == saved["counters"]["updates"]
-    state = agent.optim_state()
+    state = td.optim_state(agent)
 
     def assert_same(a, b):
         if isinstance(a, dict):
@@ -273,22 +290,22 @@ def test_smoke_pong_discrete(tmp_path):
 
 # --- reward terms (part 2) with the task reward -----------------------------------------------------
 def test_task_reward_with_plan2explore_bonus():
-    """--reward task --expl-scale 1: task critic and disagreement critic, reward head kept, ensemble trained."""
+    """--reward task --disagreement-scale 1: task critic and disagreement critic, reward head kept, ensemble trained."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    args = td.Args(size="cpu", expl_scale=1.0)
-    assert td.critic_scales(args) == {"task": 1.0, "disag": 1.0} and td.wm_heads(args) == {"reward": "reward"}
+    args = td.Args(size="cpu", disagreement_scale=1.0)
+    assert td.term_scales(args) == {"task": 1.0, "disagreement": 1.0}
     agent = td.Dreamer(args, 1, False)
-    replay = td.Replay(100, (64, 64, 3), 1, ["reward"])
+    replay = td.Replay(100, (64, 64, 3), 1, ["task"])
     for t in range(40):
         replay.add(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, 1),
-                   reward=float(t % 2), is_first=t == 0, is_terminal=False)
+                   task=float(t % 2), is_first=t == 0, is_terminal=False)
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     metrics = agent.train_step(replay.sample(2, 10, rng))
     after = agent.state_dict()
-    for prefix in ["heads.reward.", "ensemble.", "critics.task.", "critics.disag."]:
+    for prefix in ["heads.task.", "ensemble.", "critics.task.", "critics.disagreement."]:
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
-    assert metrics["imagination/disag_reward"] > 0
+    assert metrics["imagination/disagreement_reward"] > 0
     with pytest.raises(ValueError, match="--density-scale"):
         td.validate(td.Args(density_scale=1.0))
 
@@ -297,7 +314,7 @@ def test_checkpoint_from_before_the_viper_flags_still_loads(dmc_run, tmp_path):
     """agent.pt written before the VIPER flags existed (no reward_mode, scales ...) loads as the task agent."""
     out, _, _ = dmc_run
     ckpt = torch.load(out / "agent.pt", weights_only=False)
-    for key in ["reward_model", "reward_mode", "density_scale", "expl_scale", "task_reward_scale",
+    for key in ["reward_model", "reward_mode", "density_scale", "disagreement_scale", "task_scale",
                 "reference_returns", "allow_new_task"]:
         del ckpt["args"][key]
     torch.save(ckpt, tmp_path / "old.pt")

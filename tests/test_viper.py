@@ -58,7 +58,7 @@ def viper_args(tmp, model, **kw):
                 batch_size=4, batch_length=16, train_ratio=8.0, eval_every=200, eval_episodes=1, save_every=200,
                 log_every=100, replay_capacity=1000, output_dir=str(tmp), seed=0)
     base.update(kw)
-    return td.Args(**base)
+    return td.Args(**{**td.preset(base["size"], base["reward"]), **base})
 
 
 # --- rewards at insert time ----------------------------------------------------------------------
@@ -69,7 +69,7 @@ def test_insert_time_rewards_equal_compute_rewards(tmp_path, mode, skip):
     path = make_videogpt(tmp_path / "videogpt.pt", seq_len=L, frame_skip=skip)
     rm = td.load_videogpt(torch.load(path, weights_only=False), "cpu")
     labeler = td.StepRewards(viper_args(tmp_path, path, reward_mode=mode), rm)
-    assert labeler.fields == ("reward", "density")
+    assert labeler.fields == ("task", "density")
     ref = reference(path)
     for T, seed in [(12, 0), (4, 1)]:  # longer than the window (codes get trimmed), then shorter (prefix only)
         video = frames(T, seed)
@@ -78,7 +78,7 @@ def test_insert_time_rewards_equal_compute_rewards(tmp_path, mode, skip):
         assert len(labeler.codes) == min(T, (L - 1) * skip + 1)  # only what a window can still reach is kept
         expected = ref.compute_rewards(video[None], TASK, mode)[0]
         torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-5, atol=1e-4)
-        assert first["reward"] == 0.0 and labeler(video[0], 0.5)["reward"] == 0.5  # env reward passes through
+        assert first["task"] == 0.0 and labeler(video[0], 0.5)["task"] == 0.5  # env reward passes through
     # step 0 is the reset frame's log-likelihood alone, not 0 (0 is the best possible log-likelihood)
     video = frames(5, 2)
     r0 = labeler.reset(video[0])["density"]
@@ -87,24 +87,25 @@ def test_insert_time_rewards_equal_compute_rewards(tmp_path, mode, skip):
 
 def test_task_reward_labeler_is_unchanged():
     labeler = td.StepRewards(td.Args())
-    assert labeler.fields == ("reward",)
-    assert labeler.reset(None) == {"reward": 0.0} and labeler(None, 2.5) == {"reward": 2.5}
+    assert labeler.fields == ("task",)
+    assert labeler.reset(None) == {"task": 0.0} and labeler(None, 2.5) == {"task": 2.5}
 
 
 def test_reward_terms_heads_and_critics(videogpt_path, tmp_path):
     viper = viper_args(tmp_path, videogpt_path)
-    assert td.critic_scales(viper) == {"density": 1.0, "disag": 1.0}  # official videogpt_prior_rb
-    assert td.wm_heads(viper) == {"density": "density"}  # no reward head: the env reward trains nothing
-    mixed = viper_args(tmp_path, videogpt_path, task_reward_scale=0.5, expl_scale=0.0)
-    assert td.critic_scales(mixed) == {"density": 1.0, "task": 0.5}
-    assert td.wm_heads(mixed) == {"reward": "reward", "density": "density"}
+    assert td.term_scales(viper) == {"density": 1.0, "disagreement": 1.0}  # official videogpt_prior_rb
+    assert list(td.Dreamer(viper, 1, False).heads) == ["density"]  # no task head: the env reward trains nothing
+    mixed = viper_args(tmp_path, videogpt_path, task_scale=0.5, disagreement_scale=0.0)
+    assert td.term_scales(mixed) == {"density": 1.0, "task": 0.5}
     agent = td.Dreamer(mixed, 1, False)
-    assert agent.ensemble is None and agent.expl_opt is None and set(agent.critics) == {"density", "task"}
-    assert td.critic_scales(td.Args()) == {"task": 1.0}
-    assert td.critic_scales(td.Args(expl_scale=1.0)) == {"task": 1.0, "disag": 1.0}  # Plan2Explore + task
+    assert list(agent.heads) == ["task", "density"]
+    assert agent.ensemble is None and agent.ensemble_opt is None and set(agent.critics) == {"density", "task"}
+    assert td.term_scales(td.Args()) == {"task": 1.0}
+    assert td.term_scales(td.Args(disagreement_scale=1.0)) == {"task": 1.0, "disagreement": 1.0}  # Plan2Explore + task
     for bad, match in [(dict(density_scale=1.0, reward="task", reward_model=None), "--density-scale"),
-                       (dict(expl_scale=-1.0), "--expl-scale"),
-                       (dict(density_scale=0.0, expl_scale=0.0), "all 0"),
+                       (dict(disagreement_scale=-1.0), "--disagreement-scale"),
+                       (dict(density_scale=0.0, disagreement_scale=0.0, task_scale=0.0), "all 0"),
+                       (dict(density_scale=0.0), "ignore it"),
                        (dict(reward_model=None), "--reward-model"),
                        (dict(reward="task"), "only used with --reward viper")]:
         with pytest.raises(ValueError, match=match):
@@ -134,17 +135,17 @@ def test_disagreement_reward_shape_and_zero_when_members_agree(videogpt_path, tm
         rewards = agent.imagined_rewards(traj)
         inp = torch.cat([traj["feat"][:-1], traj["action"]], -1)
         preds = agent.ensemble(inp)
-    assert set(rewards) == {"density", "disag"}
-    assert rewards["disag"].shape == rewards["density"].shape == (td.IMAG_HORIZON, 6)
+    assert set(rewards) == {"density", "disagreement"}
+    assert rewards["disagreement"].shape == rewards["density"].shape == (td.IMAG_HORIZON, 6)
     assert preds.shape == (8, td.IMAG_HORIZON, 6, s["stoch"] * s["classes"])
-    assert (rewards["disag"] > 1e-3).all()  # different initialisations disagree
-    torch.testing.assert_close(rewards["disag"], preds.std(0, correction=0).mean(-1))
+    assert (rewards["disagreement"] > 1e-3).all()  # different initialisations disagree
+    torch.testing.assert_close(rewards["disagreement"], preds.std(0, correction=0).mean(-1))
     for m in agent.ensemble.members[1:]:  # all members equal: no disagreement anywhere
         m.load_state_dict(agent.ensemble.members[0].state_dict())
     with torch.no_grad():
         preds = agent.ensemble(inp)
         assert (preds == preds[0]).all()
-        assert agent.imagined_rewards(traj)["disag"].max() < 1e-6  # 0 up to rounding of the members' mean
+        assert agent.imagined_rewards(traj)["disagreement"].max() < 1e-6  # 0 up to rounding of the members' mean
     # the actor backpropagates through this reward: agreeing members must give a finite gradient, not NaN
     x = inp.clone().requires_grad_(True)
     agent.ensemble.disagreement(x).sum().backward()
@@ -153,11 +154,11 @@ def test_disagreement_reward_shape_and_zero_when_members_agree(videogpt_path, tm
 
 def replay_batch(seed, B=2, T=10, A=1, poison=None, discrete=False):
     rng = np.random.default_rng(seed)
-    replay = td.Replay(100, (64, 64, 3), A, ["reward", "density"])
+    replay = td.Replay(100, (64, 64, 3), A, ["task", "density"])
     for t in range(60):
         action = np.eye(A)[rng.integers(A)] if discrete else rng.uniform(-1, 1, A)
         replay.add(image=rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), action=action,
-                   reward=float(t % 3) if poison is None else poison, density=-40.0 + t % 5,
+                   task=float(t % 3) if poison is None else poison, density=-40.0 + t % 5,
                    is_first=t % 25 == 0, is_terminal=False)
     return replay.sample(B, T, rng)
 
@@ -174,10 +175,10 @@ def test_ensemble_learns_from_replay_alone(videogpt_path, tmp_path, A, discrete)
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     metrics = agent.train_step(replay_batch(0, A=A, discrete=discrete))
     after = agent.state_dict()
-    for prefix in ["ensemble.", "heads.density.", "critics.density.", "critics.disag.", "retnorms.disag.", "actor."]:
+    for prefix in ["ensemble.", "heads.density.", "critics.density.", "critics.disagreement.", "retnorms.disagreement.", "actor."]:
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
-    assert "heads.reward.out.weight" not in after
-    assert np.isfinite(metrics["loss/ensemble"]) and np.isfinite(metrics["imagination/disag_reward"])
+    assert "heads.task.out.weight" not in after
+    assert np.isfinite(metrics["loss/ensemble"]) and np.isfinite(metrics["imagination/disagreement_reward"])
 
 
 @pytest.mark.parametrize("task_scale, same", [(0.0, True), (1.0, False)])
@@ -186,7 +187,7 @@ def test_env_reward_reaches_learning_only_through_its_scale(videogpt_path, tmp_p
     states = []
     for poison in [None, 1e9]:
         torch.manual_seed(0)
-        agent = td.Dreamer(viper_args(tmp_path, videogpt_path, task_reward_scale=task_scale), 1, False)
+        agent = td.Dreamer(viper_args(tmp_path, videogpt_path, task_scale=task_scale), 1, False)
         for i in range(3):
             agent.train_step(replay_batch(i, poison=poison))
         states.append(agent.state_dict())
@@ -253,8 +254,8 @@ def test_smoke_run_writes_checkpoint_eval_and_logs(runs):
     assert rows[0] == ["step", "return", "wall_time_s"] and float(rows[1][2]) > 0 and rows[1][0] == "200" and 0 <= float(rows[1][1]) <= EPISODE * 2
     ckpt = torch.load(out / "agent.pt", weights_only=False)
     assert any(k.startswith("ensemble.members.7.") for k in ckpt["agent"])
-    assert {k.split(".")[1] for k in ckpt["agent"] if k.startswith("slow_critics.")} == {"density", "disag"}
-    assert ckpt["optim"]["expl"]["state"] and set(ckpt["optim"]["critics"]) == {"density", "disag"}
+    assert {k.split(".")[1] for k in ckpt["agent"] if k.startswith("slow_critics.")} == {"density", "disagreement"}
+    assert ckpt["optim"]["ensemble"]["state"] and set(ckpt["optim"]["critics"]) == {"density", "disagreement"}
     policy = td.load_agent_policy(str(out / "agent.pt"), td.make_env(TASK, 0))  # no reward model needed to act
     a = policy(td.make_env(TASK, 0).reset(seed=0)[0])
     assert a.shape == (1,) and np.all(np.abs(a) <= 1)
@@ -296,7 +297,7 @@ def test_each_replayed_step_is_scored_once(runs, videogpt_path):
 
 
 def test_nan_env_reward_leaves_learning_identical(runs):
-    """--task-reward-scale 0 (default): an env reward of NaN changes no weight, optimiser moment or normaliser."""
+    """--task-scale 0 (default): an env reward of NaN changes no weight, optimiser moment or normaliser."""
     (clean, *_), (poisoned, *_) = runs["clean"], runs["nan"]
     a = torch.load(clean / "agent.pt", weights_only=False)
     b = torch.load(poisoned / "agent.pt", weights_only=False)
@@ -305,7 +306,7 @@ def test_nan_env_reward_leaves_learning_identical(runs):
         assert torch.equal(v, b["agent"][k]), k
     torch.testing.assert_close(a["optim"], b["optim"], rtol=0, atol=0)
     with np.load(poisoned / "replay.npz") as f:
-        assert np.isnan(f["reward"][~f["is_first"]]).all()  # the poison did reach the replay
+        assert np.isnan(f["task"][~f["is_first"]]).all()  # the poison did reach the replay
 
 
 def test_resume_viper_run(runs, videogpt_path, tmp_path):
@@ -329,7 +330,7 @@ def test_resume_viper_run(runs, videogpt_path, tmp_path):
     assert len(counters["episode_returns"]) == 4  # the correlation's history survives a resume
     assert calls == [1] * (32 + 1)  # the interrupted episode restarts: its reset frame, then 32 steps
     with pytest.raises(ValueError, match="reward scales"):
-        td.main(viper_args(out, videogpt_path, resume=True, expl_scale=0.0))
+        td.main(viper_args(out, videogpt_path, resume=True, disagreement_scale=0.0))
 
 
 def test_reward_model_with_nan_weights_or_for_another_task_is_refused(tmp_path):
@@ -357,3 +358,29 @@ def test_unknown_task_and_bad_reward_model(videogpt_path, tmp_path):
     torch.save({"kind": "vqgan"}, tmp_path / "vq.pt")
     with pytest.raises(ValueError, match="not a videogpt"):
         td.main(viper_args(tmp_path / "c", str(tmp_path / "vq.pt")))
+
+
+def test_run_saved_with_the_old_term_names_resumes_identically(runs, videogpt_path, tmp_path):
+    """agent.pt, replay.npz and args written before the reward terms had one name each (heads.reward,
+    disag, expl, --expl-scale, --task-reward-scale, --device, None for preset values) resume exactly as
+    the same run saved with today's names."""
+    src, *_ = runs["clean"]
+    new, old = tmp_path / "new", tmp_path / "old"
+    shutil.copytree(src, new)
+    shutil.copytree(src, old)
+    ckpt = torch.load(old / "agent.pt", weights_only=False)
+    ckpt["agent"] = {k.replace(".disagreement.", ".disag."): v for k, v in ckpt["agent"].items()}
+    ckpt["optim"]["expl"] = ckpt["optim"].pop("ensemble")
+    ckpt["optim"]["critics"] = {("disag" if k == "disagreement" else k): v for k, v in ckpt["optim"]["critics"].items()}
+    a = ckpt["args"]
+    a.update(expl_scale=None, task_reward_scale=None, density_scale=None, model_lr=None, device=None)
+    for key in ["disagreement_scale", "task_scale", "cuda"]:
+        del a[key]
+    torch.save(ckpt, old / "agent.pt")
+    with np.load(old / "replay.npz") as f:
+        arrays = {("reward" if k == "task" else k): f[k] for k in f.files}
+    np.savez_compressed(old / "replay.npz", **arrays)
+    assert td.args_from_checkpoint(a) == td.args_from_checkpoint(torch.load(new / "agent.pt", weights_only=False)["args"])
+    results = [run(d, videogpt_path, resume=True, total_steps=232, eval_every=1000)[0] for d in (new, old)]
+    for k, v in results[0].state_dict().items():
+        assert torch.equal(v, results[1].state_dict()[k]), k
