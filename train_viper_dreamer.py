@@ -474,7 +474,7 @@ class ChannelNorm(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class ConvEncoder(nn.Module):  # "Conv": the VQ-GAN copy below owns the names Encoder/Decoder
+class ConvEncoder(nn.Module):  # "Conv": the VQ-GAN copy in appendix B owns the name Encoder
     def __init__(self, depth):
         super().__init__()
         layers, c = [], 3
@@ -1263,8 +1263,10 @@ def open_loop(agent, batch, context=5, n=4):
 def upgrade_checkpoint(ckpt):
     """Checkpoints written before the reward terms had one name each: the task head was `heads.reward`,
     the disagreement term `disag`, the ensemble's optimiser `expl`."""
-    def rename(key):
-        key = "heads.task." + key[len("heads.reward."):] if key.startswith("heads.reward.") else key
+    def rename(key):  # the heads are registered twice: as heads.<name> and inside world_model (index 3)
+        for old in ("heads.reward.", "world_model.3.reward."):
+            if key.startswith(old):
+                key = old.replace("reward", "task") + key[len(old):]
         return key.replace(".disag.", ".disagreement.")
 
     ckpt["agent"] = {rename(k): v for k, v in ckpt["agent"].items()}
@@ -1343,11 +1345,11 @@ def validate(args):
             raise ValueError(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
     if args.reward == "task" and args.density_scale != 0:
         raise ValueError("--density-scale needs --reward viper (the density is the video model's reward)")
+    if not term_scales(args):
+        raise ValueError("--density-scale, --disagreement-scale and --task-scale are all 0: nothing to learn")
     if args.reward == "viper" and args.density_scale == 0:
         raise ValueError("--reward viper with --density-scale 0 would load the video model and ignore it; in code, "
                          "build Args(**preset(reward='viper'), ...) to get VIPER's defaults")
-    if not term_scales(args):
-        raise ValueError("--density-scale, --disagreement-scale and --task-scale are all 0: nothing to learn")
 
 
 def load_reward_model(args, device, frame_size):

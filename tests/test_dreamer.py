@@ -317,6 +317,11 @@ def test_checkpoint_from_before_the_viper_flags_still_loads(dmc_run, tmp_path):
     for key in ["reward_model", "reward_mode", "density_scale", "disagreement_scale", "task_scale",
                 "reference_returns", "allow_new_task"]:
         del ckpt["args"][key]
+    del ckpt["args"]["cuda"]  # and the names of before the reward-term table: --device, heads.reward
+    ckpt["args"]["device"] = None
+    ckpt["agent"] = {k.replace("heads.task.", "heads.reward.").replace("world_model.3.task.", "world_model.3.reward."): v
+                     for k, v in ckpt["agent"].items()}
+    assert any(k.startswith("world_model.3.reward.") for k in ckpt["agent"])
     torch.save(ckpt, tmp_path / "old.pt")
     env = td.make_env("dmc_cartpole_balance", 0)
     policy = td.load_agent_policy(str(tmp_path / "old.pt"), env)
