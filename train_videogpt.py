@@ -316,7 +316,7 @@ def load_vqgan(ckpt, device="cpu"):
 # ==== END VQGAN_DECODER ====
 
 
-# ==== VIDEOGPT: copied verbatim into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+# ==== VIDEOGPT: copied verbatim from train_videogpt.py into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
 class CausalSelfAttention(nn.Module):
     def __init__(self, width, heads, dropout):
         super().__init__()

@@ -197,7 +197,7 @@ def preset(size="cpu", reward="task"):
     return dict(size=size, reward=reward, **PRESETS["cpu" if size == "cpu" else "paper"], **PRESETS[reward])
 
 
-# ==== ENV: copied verbatim into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+# ==== ENV: copied verbatim from collect_expert_videos.py into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
 import gymnasium as gym  # noqa: E402
 
@@ -1641,7 +1641,7 @@ def load_vq_encoder(ckpt, device="cpu"):
 # ==== END VQGAN_ENCODER ====
 
 
-# ==== VIDEOGPT: copied verbatim into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+# ==== VIDEOGPT: copied verbatim from train_videogpt.py into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
 class CausalSelfAttention(nn.Module):
     def __init__(self, width, heads, dropout):
         super().__init__()

@@ -31,6 +31,9 @@ def test_copies_are_identical(name):
     source, copies = BLOCKS[name]
     reference = extract(source, name)
     assert len(reference.splitlines()) > 20
+    marker = (f"# ==== {name}: copied verbatim from {source} into {', '.join(copies)}; "
+              f"tests/test_parity.py keeps the copies identical ====")
+    assert reference.splitlines()[0] == marker, f"{source}'s {name} marker line should read: {marker}"
     for copy in copies:
         assert extract(copy, name) == reference, f"{copy}'s {name} block differs from {source}; re-copy it"
 
