@@ -54,7 +54,7 @@ class Args:
     """prepended to episode file names, e.g. `eps0.50_` so degraded episodes can sit beside experts"""
 
 
-# ==== ENV: copied verbatim into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+# ==== ENV: copied verbatim from collect_expert_videos.py into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering
 import gymnasium as gym  # noqa: E402
 

@@ -211,14 +211,15 @@ def load_checkpoint(path, kind):
     return ckpt
 
 
-def load_reward_model(path, cuda=True, task=None):
-    """videogpt.pt -> RewardModel; with `task`, exits with the known tasks if the model has no label for it."""
+def load_reward_model(path, cuda=True, task=None, decoder=False):
+    """videogpt.pt -> RewardModel; with `task`, exits with the known tasks if the model has no label for it.
+    Its tokenizer is the VQ-GAN's encoder half (scoring), or with `decoder` the whole VQ-GAN (sampling)."""
     import torch
 
-    from train_videogpt import load_videogpt
+    from train_videogpt import load_videogpt, load_videogpt_with_decoder
 
     device = "cuda" if cuda and torch.cuda.is_available() else "cpu"
-    rm = load_videogpt(load_checkpoint(path, "videogpt"), device)
+    rm = (load_videogpt_with_decoder if decoder else load_videogpt)(load_checkpoint(path, "videogpt"), device)
     if task is not None:
         try:
             rm.labels(task)
@@ -402,9 +403,10 @@ def eval_agent(args: AgentArgs):
 def eval_samples(args: SamplesArgs):
     import torch
 
+    from train_videogpt import sample_video
     from train_viper_dreamer import save_gif
 
-    rm = load_reward_model(args.reward_model)
+    rm = load_reward_model(args.reward_model, decoder=True)
     task = args.task or sorted(os.listdir(args.data_dir))[0]
     paths = sorted(glob.glob(os.path.join(args.data_dir, task, "test", "*.npz")))
     if not paths:
@@ -419,8 +421,8 @@ def eval_samples(args: SamplesArgs):
         real.append(video[start: start + (args.context_frames + n) * k: k])
     real = np.stack(real)
     gen = torch.Generator(device=rm.device).manual_seed(args.seed)
-    fake = rm.sample(torch.from_numpy(real[:, : args.context_frames]), n, args.temperature,
-                     task if rm.class_map else None, gen).cpu().numpy()
+    fake = sample_video(rm, torch.from_numpy(real[:, : args.context_frames]), n, args.temperature,
+                        task if rm.class_map else None, gen).cpu().numpy()
     # grid: one row per video, real on the left, sampled on the right
     grid = np.concatenate([np.concatenate(list(real), 1), np.concatenate(list(fake), 1)], 2)
     os.makedirs(args.output_dir, exist_ok=True)

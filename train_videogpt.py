@@ -156,7 +156,7 @@ def parse_args(argv=None) -> Args:
     return tyro.cli(Args, default=Args(size=size, **PRESETS[size]), args=argv)
 
 
-# ==== VQGAN: copied verbatim into train_videogpt.py and train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+# ==== VQGAN_ENCODER: copied verbatim from train_vqgan.py into train_videogpt.py, train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
 def vq_norm(c):
     return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
 
@@ -201,20 +201,6 @@ class Encoder(nn.Sequential):
         super().__init__(*layers)
 
 
-class Decoder(nn.Sequential):
-    def __init__(self, ch, ch_mult, num_res_blocks, embed_dim):
-        c = ch * ch_mult[-1]
-        layers = [nn.Conv2d(embed_dim, c, 3, padding=1), ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]
-        for i in reversed(range(len(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                layers.append(ResBlock(c, ch * ch_mult[i]))
-                c = ch * ch_mult[i]
-            if i > 0:
-                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
-        layers += [vq_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
-        super().__init__(*layers)
-
-
 class Quantizer(nn.Module):
     """Nearest codebook entry by cosine similarity (l2-normalised codes, as in ViT-VQGAN)."""
 
@@ -222,33 +208,24 @@ class Quantizer(nn.Module):
         super().__init__()
         self.codebook = nn.Embedding(codebook_size, embed_dim)
 
-    def lookup(self, codes):  # long [B,h,w] -> unit vectors [B,D,h,w]
-        return F.normalize(self.codebook(codes), dim=-1).permute(0, 3, 1, 2)
-
     def forward(self, z):  # unit vectors [B,D,h,w] -> codes long [B,h,w]
         with torch.autocast(z.device.type, enabled=False):  # pick codes in fp32
             sim = torch.einsum("bdhw,kd->bhwk", z.float(), F.normalize(self.codebook.weight.float(), dim=-1))
         return sim.argmax(-1)
 
 
-class VQGAN(nn.Module):
-    """frames -> encoder -> unit vectors z -> nearest codes -> codebook vectors -> decoder -> frames."""
+class VQEncoder(nn.Module):
+    """The tokenizer half of the VQ-GAN, all that turning frames into codes needs: frames -> encoder -> unit
+    vectors z -> nearest codes. VQGAN (below in train_vqgan.py and train_videogpt.py) adds the decoder; the
+    attribute names are VQGAN's, so both load from the state dict in vqgan.pt."""
 
     def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
                  codebook_size=256, embed_dim=64):
         super().__init__()
         self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
-        self.decoder = Decoder(base_channels, channel_mult, num_res_blocks, embed_dim)
         self.quantizer = Quantizer(codebook_size, embed_dim)
         self.image_size, self.codebook_size = image_size, codebook_size
         self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
-
-    def forward(self, x):
-        """x float [B,3,H,W] in [-1,1] -> (reconstruction, z, codebook vectors e, codes)."""
-        z = F.normalize(self.encoder(x), dim=1)
-        codes = self.quantizer(z)
-        e = self.quantizer.lookup(codes)
-        return self.decoder(z + (e - z).detach()), z, e, codes  # straight-through estimator
 
     @torch.inference_mode()
     def encode(self, frames, chunk_size=256):
@@ -264,46 +241,82 @@ class VQGAN(nn.Module):
             codes.append(self.quantizer(F.normalize(self.encoder(x), dim=1)))
         return torch.cat(codes)
 
+
+def vq_config(ckpt):
+    """The constructor arguments of the model in a vqgan.pt dict (train_vqgan.py), checked to be one."""
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "vqgan":
+        raise ValueError("not a VQGAN checkpoint (expected the vqgan.pt dict written by train_vqgan.py)")
+    a = ckpt["args"]
+    return (ckpt["image_size"], a["base_channels"], tuple(ckpt["channel_mult"]), a["num_res_blocks"],
+            ckpt["codebook_size"], ckpt["embed_dim"])
+
+
+def load_vq_encoder(ckpt, device="cpu"):
+    """Rebuild the VQEncoder (eval mode) of a vqgan.pt dict: its encoder and codebook weights, not the decoder's."""
+    model = VQEncoder(*vq_config(ckpt))
+    model.load_state_dict({k: ckpt["model"][k] for k in model.state_dict()})
+    return model.to(device).eval()
+# ==== END VQGAN_ENCODER ====
+
+
+# ==== VQGAN_DECODER: copied verbatim from train_vqgan.py into train_videogpt.py; tests/test_parity.py keeps the copies identical ====
+class Decoder(nn.Sequential):
+    def __init__(self, ch, ch_mult, num_res_blocks, embed_dim):
+        c = ch * ch_mult[-1]
+        layers = [nn.Conv2d(embed_dim, c, 3, padding=1), ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]
+        for i in reversed(range(len(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResBlock(c, ch * ch_mult[i]))
+                c = ch * ch_mult[i]
+            if i > 0:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+        layers += [vq_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+        super().__init__(*layers)
+
+
+class VQGAN(VQEncoder):
+    """The whole VQ-GAN: VQEncoder's frames -> codes, plus codes -> codebook vectors -> decoder -> frames."""
+
+    def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                 codebook_size=256, embed_dim=64):
+        nn.Module.__init__(self)  # not VQEncoder.__init__: the decoder is made between the encoder and the
+        # quantizer, the order that fixes a seed's initial weights and the parameter order of every checkpoint
+        self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
+        self.decoder = Decoder(base_channels, channel_mult, num_res_blocks, embed_dim)
+        self.quantizer = Quantizer(codebook_size, embed_dim)
+        self.image_size, self.codebook_size = image_size, codebook_size
+        self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
+
+    def lookup(self, codes):  # long [B,h,w] -> unit codebook vectors [B,D,h,w]
+        return F.normalize(self.quantizer.codebook(codes), dim=-1).permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        """x float [B,3,H,W] in [-1,1] -> (reconstruction, z, codebook vectors e, codes)."""
+        z = F.normalize(self.encoder(x), dim=1)
+        codes = self.quantizer(z)
+        e = self.lookup(codes)
+        return self.decoder(z + (e - z).detach()), z, e, codes  # straight-through estimator
+
     @torch.inference_mode()
     def decode(self, codes, chunk_size=256):
         """codes long [N,h,w] -> frames uint8 [N,H,W,3], on the model's device."""
         device = self.quantizer.codebook.weight.device
         out = [torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=device)]
         for i in range(0, len(codes), chunk_size):
-            x = self.decoder(self.quantizer.lookup(codes[i:i + chunk_size].to(device)))
+            x = self.decoder(self.lookup(codes[i:i + chunk_size].to(device)))
             out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
         return torch.cat(out)
 
 
 def load_vqgan(ckpt, device="cpu"):
     """Rebuild a trained VQGAN (eval mode) from the dict saved as vqgan.pt by train_vqgan.py."""
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "vqgan":
-        raise ValueError("not a VQGAN checkpoint (expected the vqgan.pt dict written by train_vqgan.py)")
-    a = ckpt["args"]
-    model = VQGAN(ckpt["image_size"], a["base_channels"], tuple(ckpt["channel_mult"]), a["num_res_blocks"],
-                  ckpt["codebook_size"], ckpt["embed_dim"])
+    model = VQGAN(*vq_config(ckpt))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
-# ==== END VQGAN ====
+# ==== END VQGAN_DECODER ====
 
 
-# ==== VIDEOGPT: copied verbatim into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
-class KVCache:
-    """Keys and values of the positions already processed, so sampling costs one token per step."""
-
-    def __init__(self, batch, heads, max_len, head_dim, device, dtype):
-        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.len = 0
-
-    def append(self, k, v):
-        n = k.shape[2]
-        self.k[:, :, self.len:self.len + n] = k
-        self.v[:, :, self.len:self.len + n] = v
-        self.len += n
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]
-
-
+# ==== VIDEOGPT: copied verbatim from train_videogpt.py into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
 class CausalSelfAttention(nn.Module):
     def __init__(self, width, heads, dropout):
         super().__init__()
@@ -313,17 +326,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x):
         B, S, C = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        past = k.shape[2] - S  # positions before the first query (from the cache)
-        mask = None
-        if past > 0 and S > 1:  # new queries see all cached positions, and causally each other
-            mask = torch.ones(S, past + S, dtype=torch.bool, device=x.device).tril(past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(past == 0 and S > 1),
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, S, C)))
 
 
@@ -336,8 +342,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(width, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, width), nn.Dropout(dropout))
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln1(x), cache)
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
@@ -378,12 +384,6 @@ class VideoGPT(nn.Module):
             raise ValueError("a class-conditional model needs labels; an unconditional one takes none")
         return 0 if labels is None else self.class_emb(labels.expand(batch))[:, None]
 
-    def _run(self, x, caches=None):
-        x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
-        return self.head(self.ln_f(x))
-
     def forward(self, codes, labels=None):
         """codes long [B, n, h, w] -> logits [B, n*h*w, vocab]; logits[:, i] predict flattened token i."""
         B, n = codes.shape[:2]
@@ -391,7 +391,10 @@ class VideoGPT(nn.Module):
             raise ValueError(f"codes {tuple(codes.shape)} do not fit [B, <={self.seq_len}, *{self.token_hw}]")
         tokens = codes.flatten(1)
         x = torch.cat([self.start.expand(B, 1, -1), self.tok_emb(tokens[:, :-1])], 1)
-        return self._run(x + self.pos_emb()[:tokens.shape[1]] + self._check_labels(labels, B))
+        x = self.drop(x + self.pos_emb()[:tokens.shape[1]] + self._check_labels(labels, B))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
 
     def frame_log_probs(self, codes, labels=None):
         """log p of every frame of the clip given the frames before it: [B, n] (sum over its h*w tokens)."""
@@ -400,41 +403,12 @@ class VideoGPT(nn.Module):
         logp = logp.gather(-1, codes.flatten(1)[..., None])[..., 0]
         return logp.view(B, n, -1).sum(-1)
 
-    @torch.no_grad()
-    def sample(self, context, num_frames, temperature=1.0, labels=None, generator=None):
-        """Continue context codes [B, c, h, w] by num_frames frames, one token at a time with a KV cache.
-
-        temperature 0 takes the most likely token (greedy). Returns codes [B, c + num_frames, h, w].
-        """
-        B, c = context.shape[:2]
-        hw = self.token_hw[0] * self.token_hw[1]
-        total = (c + num_frames) * hw
-        if c + num_frames > self.seq_len:
-            raise ValueError(f"context {c} + {num_frames} frames exceed the model's {self.seq_len} frames")
-        pos, cls = self.pos_emb(), self._check_labels(labels, B)
-        head_dim = self.start.shape[0] // self.blocks[0].attn.heads
-        caches = [KVCache(B, b.attn.heads, total, head_dim, context.device, self.start.dtype) for b in self.blocks]
-        tokens = context.flatten(1)
-        x = torch.cat([self.start.expand(B, 1, -1), self.tok_emb(tokens)], 1)  # start + context
-        logits = self._run(x + pos[:tokens.shape[1] + 1] + cls, caches)[:, -1]
-        out = [tokens]
-        for i in range(c * hw, total):  # logits predict token i
-            if temperature == 0:
-                tok = logits.argmax(-1)
-            else:
-                probs = (logits.float() / temperature).softmax(-1)
-                tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            out.append(tok[:, None])
-            if i + 1 < total:
-                logits = self._run(self.tok_emb(tok)[:, None] + pos[i + 1] + cls, caches)[:, -1]
-        return torch.cat(out, 1).view(B, c + num_frames, *self.token_hw)
-
 
 class RewardModel:
-    """VQ-GAN + VideoGPT: frames -> VIPER rewards, and open-loop samples.
+    """VQ-GAN encoder + VideoGPT: frames -> VIPER rewards. (Open-loop samples: sample_video, train_videogpt.py.)
 
-    model and vqgan are in eval mode; seq_len L and frame_skip k are those the model was trained with;
-    class_map ({task: label}) is None for an unconditional model (then `task` is ignored).
+    model and vqgan (a VQEncoder, or the whole VQGAN) are in eval mode; seq_len L and frame_skip k are those
+    the model was trained with; class_map ({task: label}) is None for an unconditional model (then `task` is ignored).
     max_tokens bounds the tokens per forward pass (memory).
     """
 
@@ -499,13 +473,6 @@ class RewardModel:
         """VIPER rewards of uint8 frames [B, T, H, W, 3] -> float [B, T - first_step]; see rewards_from_codes."""
         return self.rewards_from_codes(self.encode(frames), task, mode, first_step)
 
-    @torch.inference_mode()
-    def sample(self, context_frames, num_frames, temperature=1.0, task=None, generator=None):
-        """Open-loop video: uint8 context [B, c, H, W, 3] -> uint8 [B, c + num_frames, H, W, 3] (context re-decoded)."""
-        codes = self.model.sample(self.encode(context_frames), num_frames, temperature, self.labels(task), generator)
-        frames = self.vqgan.decode(codes.flatten(0, 1))
-        return frames.view(*codes.shape[:2], *frames.shape[1:])
-
 
 def load_videogpt(ckpt, device="cpu"):
     """videogpt.pt dict (torch.load) -> RewardModel on device, EMA weights."""
@@ -515,9 +482,92 @@ def load_videogpt(ckpt, device="cpu"):
     model = VideoGPT(ckpt["vqgan"]["codebook_size"], ckpt["seq_len"], tuple(ckpt["token_hw"]), a["width"],
                      a["num_layers"], a["num_heads"], a["mlp_dim"], a["dropout"], len(class_map) if class_map else 0)
     model.load_state_dict(ckpt["model"])
-    vqgan = load_vqgan(ckpt["vqgan"], device)
+    vqgan = load_vq_encoder(ckpt["vqgan"], device)  # scoring encodes frames: no decoder
     return RewardModel(model.to(device), vqgan, ckpt["seq_len"], ckpt["frame_skip"], class_map)
 # ==== END VIDEOGPT ====
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open-loop sampling (this script only: the agent scores frames, it never samples). One token at a time, the
+# keys and values of the positions already processed kept in a cache, so each step runs one position.
+class KVCache:
+    """Keys and values of the positions already processed, so sampling costs one token per step."""
+
+    def __init__(self, batch, heads, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.len = 0
+
+    def append(self, k, v):
+        n = k.shape[2]
+        self.k[:, :, self.len:self.len + n] = k
+        self.v[:, :, self.len:self.len + n] = v
+        self.len += n
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
+def cached_forward(model, x, caches):
+    """VideoGPT's transformer (as in forward) on new embedded positions x [B, S, width] that also attend to the
+    positions in caches (one KVCache per block; the new keys and values are appended): logits [B, S, vocab].
+    The first call holds the whole prefix (empty caches), later calls one position each."""
+    x = model.drop(x)
+    for block, cache in zip(model.blocks, caches):
+        attn, h = block.attn, block.ln1(x)
+        B, S, C = h.shape
+        assert S == 1 or cache.len == 0, "the prefix goes into empty caches; after it, one position per call"
+        q, k, v = attn.qkv(h).view(B, S, 3, attn.heads, C // attn.heads).permute(2, 0, 3, 1, 4)
+        k, v = cache.append(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, dropout_p=attn.dropout if attn.training else 0.0)
+        x = x + attn.resid_drop(attn.proj(y.transpose(1, 2).reshape(B, S, C)))
+        x = x + block.mlp(block.ln2(x))
+    return model.head(model.ln_f(x))
+
+
+@torch.no_grad()
+def sample_codes(model, context, num_frames, temperature=1.0, labels=None, generator=None):
+    """Continue context codes [B, c, h, w] by num_frames frames of a VideoGPT, one token at a time.
+
+    temperature 0 takes the most likely token (greedy). Returns codes [B, c + num_frames, h, w].
+    """
+    B, c = context.shape[:2]
+    hw = model.token_hw[0] * model.token_hw[1]
+    total = (c + num_frames) * hw
+    if c + num_frames > model.seq_len:
+        raise ValueError(f"context {c} + {num_frames} frames exceed the model's {model.seq_len} frames")
+    pos, cls = model.pos_emb(), model._check_labels(labels, B)
+    head_dim = model.start.shape[0] // model.blocks[0].attn.heads
+    caches = [KVCache(B, b.attn.heads, total, head_dim, context.device, model.start.dtype) for b in model.blocks]
+    tokens = context.flatten(1)
+    x = torch.cat([model.start.expand(B, 1, -1), model.tok_emb(tokens)], 1)  # start + context
+    logits = cached_forward(model, x + pos[:tokens.shape[1] + 1] + cls, caches)[:, -1]
+    out = [tokens]
+    for i in range(c * hw, total):  # logits predict token i
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            probs = (logits.float() / temperature).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        out.append(tok[:, None])
+        if i + 1 < total:
+            logits = cached_forward(model, model.tok_emb(tok)[:, None] + pos[i + 1] + cls, caches)[:, -1]
+    return torch.cat(out, 1).view(B, c + num_frames, *model.token_hw)
+
+
+@torch.inference_mode()
+def sample_video(reward_model, context_frames, num_frames, temperature=1.0, task=None, generator=None):
+    """Open-loop video: uint8 context [B, c, H, W, 3] -> uint8 [B, c + num_frames, H, W, 3] (context re-decoded).
+    reward_model.vqgan must be the whole VQGAN (main's RewardModel, or load_videogpt_with_decoder)."""
+    codes = sample_codes(reward_model.model, reward_model.encode(context_frames), num_frames, temperature,
+                         reward_model.labels(task), generator)
+    frames = reward_model.vqgan.decode(codes.flatten(0, 1))
+    return frames.view(*codes.shape[:2], *frames.shape[1:])
+
+
+def load_videogpt_with_decoder(ckpt, device="cpu"):
+    """load_videogpt, with the whole VQ-GAN as the tokenizer: its decoder turns sampled codes into frames."""
+    reward_model = load_videogpt(ckpt, device)
+    reward_model.vqgan = load_vqgan(ckpt["vqgan"], device)
+    return reward_model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -702,7 +752,7 @@ def sample_grid(reward_model, codes, labels, generator):
     with torch.inference_mode():
         lab = labels.to(reward_model.device) if reward_model.class_map is not None else None
         real = codes.to(reward_model.device)
-        fake = m.sample(real[:, :1], real.shape[1] - 1, 1.0, lab, generator)
+        fake = sample_codes(m, real[:, :1], real.shape[1] - 1, 1.0, lab, generator)
         frames = vq.decode(torch.stack([real, fake], 1).flatten(0, 2)).cpu()  # [B*2*L, H, W, 3]
     B, L = real.shape[:2]
     H, W = frames.shape[1:3]

@@ -46,8 +46,9 @@ Frames are resized to `--image-size`. The test split is held out: PSNR and codeb
 measured on it, and a grid of originals (top) and reconstructions (bottom) is written to
 `<output-dir>/reconstructions.png`.
 
-Output: `<output-dir>/vqgan.pt`, a plain dict read by `load_vqgan` (copied into the later
-stages), and `<output-dir>/checkpoint.pt` with the optimiser and RNG state for `--resume`. An output
+Output: `<output-dir>/vqgan.pt`, a plain dict read by `load_vqgan` (the whole model; copied into
+train_videogpt.py) and `load_vq_encoder` (the encoder half, all that scoring frames needs; copied into both
+later stages), and `<output-dir>/checkpoint.pt` with the optimiser and RNG state for `--resume`. An output
 dir that holds a checkpoint.pt is only reused with `--resume`; Ctrl-C saves both files and exits; a
 non-finite (NaN/inf) loss stops the run before it reaches the weights or a checkpoint.
 
@@ -162,7 +163,7 @@ def parse_args(argv=None) -> Args:
     return tyro.cli(Args, default=Args(size=size, **PRESETS[size]), args=argv)
 
 
-# ==== VQGAN: copied verbatim into train_videogpt.py and train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
+# ==== VQGAN_ENCODER: copied verbatim from train_vqgan.py into train_videogpt.py, train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
 def vq_norm(c):
     return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
 
@@ -207,20 +208,6 @@ class Encoder(nn.Sequential):
         super().__init__(*layers)
 
 
-class Decoder(nn.Sequential):
-    def __init__(self, ch, ch_mult, num_res_blocks, embed_dim):
-        c = ch * ch_mult[-1]
-        layers = [nn.Conv2d(embed_dim, c, 3, padding=1), ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]
-        for i in reversed(range(len(ch_mult))):
-            for _ in range(num_res_blocks + 1):
-                layers.append(ResBlock(c, ch * ch_mult[i]))
-                c = ch * ch_mult[i]
-            if i > 0:
-                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
-        layers += [vq_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
-        super().__init__(*layers)
-
-
 class Quantizer(nn.Module):
     """Nearest codebook entry by cosine similarity (l2-normalised codes, as in ViT-VQGAN)."""
 
@@ -228,33 +215,24 @@ class Quantizer(nn.Module):
         super().__init__()
         self.codebook = nn.Embedding(codebook_size, embed_dim)
 
-    def lookup(self, codes):  # long [B,h,w] -> unit vectors [B,D,h,w]
-        return F.normalize(self.codebook(codes), dim=-1).permute(0, 3, 1, 2)
-
     def forward(self, z):  # unit vectors [B,D,h,w] -> codes long [B,h,w]
         with torch.autocast(z.device.type, enabled=False):  # pick codes in fp32
             sim = torch.einsum("bdhw,kd->bhwk", z.float(), F.normalize(self.codebook.weight.float(), dim=-1))
         return sim.argmax(-1)
 
 
-class VQGAN(nn.Module):
-    """frames -> encoder -> unit vectors z -> nearest codes -> codebook vectors -> decoder -> frames."""
+class VQEncoder(nn.Module):
+    """The tokenizer half of the VQ-GAN, all that turning frames into codes needs: frames -> encoder -> unit
+    vectors z -> nearest codes. VQGAN (below in train_vqgan.py and train_videogpt.py) adds the decoder; the
+    attribute names are VQGAN's, so both load from the state dict in vqgan.pt."""
 
     def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
                  codebook_size=256, embed_dim=64):
         super().__init__()
         self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
-        self.decoder = Decoder(base_channels, channel_mult, num_res_blocks, embed_dim)
         self.quantizer = Quantizer(codebook_size, embed_dim)
         self.image_size, self.codebook_size = image_size, codebook_size
         self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
-
-    def forward(self, x):
-        """x float [B,3,H,W] in [-1,1] -> (reconstruction, z, codebook vectors e, codes)."""
-        z = F.normalize(self.encoder(x), dim=1)
-        codes = self.quantizer(z)
-        e = self.quantizer.lookup(codes)
-        return self.decoder(z + (e - z).detach()), z, e, codes  # straight-through estimator
 
     @torch.inference_mode()
     def encode(self, frames, chunk_size=256):
@@ -270,27 +248,79 @@ class VQGAN(nn.Module):
             codes.append(self.quantizer(F.normalize(self.encoder(x), dim=1)))
         return torch.cat(codes)
 
+
+def vq_config(ckpt):
+    """The constructor arguments of the model in a vqgan.pt dict (train_vqgan.py), checked to be one."""
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "vqgan":
+        raise ValueError("not a VQGAN checkpoint (expected the vqgan.pt dict written by train_vqgan.py)")
+    a = ckpt["args"]
+    return (ckpt["image_size"], a["base_channels"], tuple(ckpt["channel_mult"]), a["num_res_blocks"],
+            ckpt["codebook_size"], ckpt["embed_dim"])
+
+
+def load_vq_encoder(ckpt, device="cpu"):
+    """Rebuild the VQEncoder (eval mode) of a vqgan.pt dict: its encoder and codebook weights, not the decoder's."""
+    model = VQEncoder(*vq_config(ckpt))
+    model.load_state_dict({k: ckpt["model"][k] for k in model.state_dict()})
+    return model.to(device).eval()
+# ==== END VQGAN_ENCODER ====
+
+
+# ==== VQGAN_DECODER: copied verbatim from train_vqgan.py into train_videogpt.py; tests/test_parity.py keeps the copies identical ====
+class Decoder(nn.Sequential):
+    def __init__(self, ch, ch_mult, num_res_blocks, embed_dim):
+        c = ch * ch_mult[-1]
+        layers = [nn.Conv2d(embed_dim, c, 3, padding=1), ResBlock(c, c), AttnBlock(c), ResBlock(c, c)]
+        for i in reversed(range(len(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                layers.append(ResBlock(c, ch * ch_mult[i]))
+                c = ch * ch_mult[i]
+            if i > 0:
+                layers += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+        layers += [vq_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+        super().__init__(*layers)
+
+
+class VQGAN(VQEncoder):
+    """The whole VQ-GAN: VQEncoder's frames -> codes, plus codes -> codebook vectors -> decoder -> frames."""
+
+    def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                 codebook_size=256, embed_dim=64):
+        nn.Module.__init__(self)  # not VQEncoder.__init__: the decoder is made between the encoder and the
+        # quantizer, the order that fixes a seed's initial weights and the parameter order of every checkpoint
+        self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
+        self.decoder = Decoder(base_channels, channel_mult, num_res_blocks, embed_dim)
+        self.quantizer = Quantizer(codebook_size, embed_dim)
+        self.image_size, self.codebook_size = image_size, codebook_size
+        self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
+
+    def lookup(self, codes):  # long [B,h,w] -> unit codebook vectors [B,D,h,w]
+        return F.normalize(self.quantizer.codebook(codes), dim=-1).permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        """x float [B,3,H,W] in [-1,1] -> (reconstruction, z, codebook vectors e, codes)."""
+        z = F.normalize(self.encoder(x), dim=1)
+        codes = self.quantizer(z)
+        e = self.lookup(codes)
+        return self.decoder(z + (e - z).detach()), z, e, codes  # straight-through estimator
+
     @torch.inference_mode()
     def decode(self, codes, chunk_size=256):
         """codes long [N,h,w] -> frames uint8 [N,H,W,3], on the model's device."""
         device = self.quantizer.codebook.weight.device
         out = [torch.zeros(0, self.image_size, self.image_size, 3, dtype=torch.uint8, device=device)]
         for i in range(0, len(codes), chunk_size):
-            x = self.decoder(self.quantizer.lookup(codes[i:i + chunk_size].to(device)))
+            x = self.decoder(self.lookup(codes[i:i + chunk_size].to(device)))
             out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
         return torch.cat(out)
 
 
 def load_vqgan(ckpt, device="cpu"):
     """Rebuild a trained VQGAN (eval mode) from the dict saved as vqgan.pt by train_vqgan.py."""
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "vqgan":
-        raise ValueError("not a VQGAN checkpoint (expected the vqgan.pt dict written by train_vqgan.py)")
-    a = ckpt["args"]
-    model = VQGAN(ckpt["image_size"], a["base_channels"], tuple(ckpt["channel_mult"]), a["num_res_blocks"],
-                  ckpt["codebook_size"], ckpt["embed_dim"])
+    model = VQGAN(*vq_config(ckpt))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
-# ==== END VQGAN ====
+# ==== END VQGAN_DECODER ====
 
 
 # ---------------------------------------------------------------------------------------------

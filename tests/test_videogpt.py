@@ -86,10 +86,10 @@ def test_sample_shapes_and_kv_cache_equals_full_recompute():
     context = random_codes(3, 1, H, W)
     labels = torch.tensor([0, 1, 1])
     with torch.no_grad():
-        s = m.sample(context, 2, temperature=1.0, labels=labels, generator=torch.Generator().manual_seed(0))
+        s = tv.sample_codes(m, context, 2, temperature=1.0, labels=labels, generator=torch.Generator().manual_seed(0))
         assert s.shape == (3, 3, H, W) and s.dtype == torch.long
         assert torch.equal(s[:, :1], context) and s.min() >= 0 and s.max() < VOCAB
-        greedy = m.sample(context, 3, temperature=0.0, labels=labels)
+        greedy = tv.sample_codes(m, context, 3, temperature=0.0, labels=labels)
         # reference: no cache, full forward over the sequence so far, argmax of the next token
         seq = context.flatten(1)
         for _ in range(3 * H * W):
@@ -98,7 +98,7 @@ def test_sample_shapes_and_kv_cache_equals_full_recompute():
             seq = torch.cat([seq, logits[:, seq.shape[1]].argmax(-1, keepdim=True)], 1)
     assert torch.equal(greedy, seq.view(3, 4, H, W))
     with pytest.raises(ValueError, match="exceed"):
-        m.sample(context, 4)
+        tv.sample_codes(m, context, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -158,6 +158,8 @@ def test_inline_vqgan_copy_matches_train_vqgan(workdir):
     frames = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2).float(), size=16).round().byte().permute(0, 2, 3, 1)
     ours, theirs = tv.load_vqgan(ckpt, "cpu").encode(frames), train_vqgan.load_vqgan(ckpt, "cpu").encode(frames)
     assert ours.shape == (12, 4, 4) and torch.equal(ours, theirs)
+    encoder = tv.load_vq_encoder(ckpt, "cpu")  # the encoder half alone gives the same codes
+    assert torch.equal(encoder.encode(frames), ours) and not hasattr(encoder, "decoder")
 
 
 def small_frames(workdir, task, split="test", name="000.npz"):
@@ -209,8 +211,12 @@ def test_training_smoke_resume_and_report(workdir, capsys):
     ckpt = torch.load(os.path.join(out, "videogpt.pt"))
     assert ckpt["step"] == 30
     rm = tv.load_videogpt(ckpt)
-    video = rm.sample(small_frames(workdir, "dmc_a")[:, :1], 2, temperature=1.0, task="dmc_a")
+    assert not hasattr(rm.vqgan, "decoder")  # scoring loads the encoder half of the VQ-GAN
+    sampler = tv.load_videogpt_with_decoder(ckpt)
+    video = tv.sample_video(sampler, small_frames(workdir, "dmc_a")[:, :1], 2, temperature=1.0, task="dmc_a")
     assert video.shape == (1, 3, 16, 16, 3) and video.dtype == torch.uint8
+    frames = small_frames(workdir, "dmc_a")
+    assert torch.equal(sampler.compute_rewards(frames, "dmc_a"), rm.compute_rewards(frames, "dmc_a"))
     with pytest.raises(ValueError, match=r"known tasks: \['dmc_a', 'dmc_b'\]"):
         rm.compute_rewards(small_frames(workdir, "dmc_a"), "dmc_cartpole_swingup")
 

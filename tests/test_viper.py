@@ -22,7 +22,7 @@ EPISODE = 50  # the end-to-end runs cut DMC episodes to this many steps
 def make_videogpt(path, seq_len=3, frame_skip=2, seed=0):
     """A tiny random-weight videogpt.pt in the format train_videogpt.py writes (VQ-GAN 64px -> 4x4 codes)."""
     torch.manual_seed(seed)
-    vq = td.VQGAN(64, 8, (1, 1, 1, 1, 1), 1, 16, 8)
+    vq = tv.VQGAN(64, 8, (1, 1, 1, 1, 1), 1, 16, 8)
     vq_ckpt = {"kind": "vqgan", "args": {"base_channels": 8, "num_res_blocks": 1}, "model": vq.state_dict(),
                "image_size": 64, "token_hw": vq.token_hw, "codebook_size": 16, "embed_dim": 8,
                "channel_mult": [1, 1, 1, 1, 1]}

@@ -110,8 +110,19 @@ def test_tiny_model_learns_and_checkpoint_round_trips(tmp_path):
     again = tv.evaluate(model, frames, task_ids, ["only"])
     assert again["psnr"] == pytest.approx(res["psnr"], abs=1e-6)  # the saved model is the trained one
     assert torch.equal(model.encode(frames), tv.load_vqgan(ckpt).encode(frames))
+    encoder = tv.load_vq_encoder(ckpt)  # the encoder half (what the agent loads): same codes, no decoder weights
+    assert torch.equal(encoder.encode(frames), model.encode(frames)) and not encoder.training
+    assert set(encoder.state_dict()) == {k for k in ckpt["model"] if not k.startswith("decoder.")}
     with pytest.raises(ValueError, match="not a VQGAN checkpoint"):
         tv.load_vqgan({"kind": "videogpt"})
+
+
+def test_vqgan_makes_its_modules_in_the_order_encoder_decoder_quantizer():
+    """That order fixes a seed's initial weights and the parameter order of saved models and optimisers."""
+    model = tv.VQGAN(64, 8, (1, 2), 1, 16, 8)
+    assert list(model._modules) == ["encoder", "decoder", "quantizer"]
+    assert isinstance(model, tv.VQEncoder) and list(tv.VQEncoder(64, 8, (1, 2), 1, 16, 8)._modules) == [
+        "encoder", "quantizer"]
 
 
 def test_resume_continues_at_saved_step_and_matches_uninterrupted_run(tmp_path):
