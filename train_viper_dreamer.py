@@ -1210,7 +1210,8 @@ class RunLog:
 
 
 def check_finite(metrics, counters, ckpt_path):
-    """Stop before a checkpoint can store broken weights over the last good ones."""
+    """Stop before a checkpoint can store broken weights over the last good ones. (Unlike the stage scripts'
+    check_finite, which runs before their one optimiser step, this reads an update's metrics after its four.)"""
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(

@@ -85,7 +85,7 @@ def bench_reward_model():
     """A random-weight reward model of the CPU recipe's size (run.sh: VQ-GAN 16 x (1 2 4 4), 256 codes;
     VideoGPT 4 frames x 8 x 8 tokens, 128 wide, 4 layers): scoring costs the same whatever the weights."""
     torch.manual_seed(0)
-    vqgan = td.VQGAN(64, 16, (1, 2, 4, 4), 1, 256, 64).eval()
+    vqgan = td.VQEncoder(64, 16, (1, 2, 4, 4), 1, 256, 64).eval()  # the agent holds the encoder half only
     model = td.VideoGPT(256, 4, vqgan.token_hw, 128, 4, 4, 512, 0.1, num_classes=1)
     return td.RewardModel(model, vqgan, 4, 1, {ENV_ID: 0})
 
