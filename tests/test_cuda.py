@@ -9,16 +9,14 @@ import torch
 import train_videogpt as tv
 import train_viper_dreamer as td
 import train_vqgan
-from test_videogpt import small_frames, workdir  # noqa: F401  (workdir is a fixture)
-from test_viper import TASK, make_videogpt, run
-from test_vqgan import make_dataset, tiny_args
+from conftest import TASK, make_dataset, make_videogpt, run_agent, small_frames, vqgan_args
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_vqgan_trains_on_cuda_and_its_checkpoint_encodes_the_same_on_cpu(tmp_path):
     data = make_dataset(tmp_path / "data", tasks=("only",))
-    res = train_vqgan.main(tiny_args(data, tmp_path / "run", total_steps=20, disc_start=10, cuda=True))
+    res = train_vqgan.main(vqgan_args(data, tmp_path / "run", total_steps=20, disc_start=10, cuda=True))
     assert np.isfinite(res["psnr"])
     ckpt = torch.load(tmp_path / "run" / "vqgan.pt", map_location="cpu", weights_only=False)
     frames, _ = train_vqgan.load_split(str(data), ["only"], "test", 64)
@@ -27,7 +25,7 @@ def test_vqgan_trains_on_cuda_and_its_checkpoint_encodes_the_same_on_cpu(tmp_pat
     assert (on_cpu == on_gpu).float().mean() > 0.99  # fp32 on both; rare ties may flip a code
 
 
-def test_videogpt_trains_on_cuda_and_scores_like_cpu(workdir, tmp_path):  # noqa: F811
+def test_videogpt_trains_on_cuda_and_scores_like_cpu(workdir, tmp_path):
     out = str(tmp_path / "run")
     tv.main(tv.Args(vqgan=os.path.join(workdir, "vq", "vqgan.pt"), data_dir=os.path.join(workdir, "data"),
                     output_dir=out, class_cond=True, seq_len=3, frame_skip=2, width=32, num_layers=2,
@@ -45,13 +43,13 @@ def test_videogpt_trains_on_cuda_and_scores_like_cpu(workdir, tmp_path):  # noqa
 def test_agent_trains_on_cuda_and_its_checkpoint_acts_on_cpu(tmp_path, reward):
     model = make_videogpt(tmp_path / "videogpt.pt")
     kw = dict(baseline_grad=False) if reward == "task" else {}
-    agent, counters, _ = run(tmp_path / "run", model, cuda=True, reward=reward,
-                             reward_model=model if reward == "viper" else None, **kw)
+    agent, counters, _ = run_agent(tmp_path / "run", model, cuda=True, reward=reward,
+                                   reward_model=model if reward == "viper" else None, **kw)
     assert counters["updates"] > 0
     assert all(p.is_cuda and torch.isfinite(p).all() for p in agent.parameters())
     with open(tmp_path / "run" / "eval.csv") as f:
         assert np.isfinite(float(f.read().splitlines()[-1].split(",")[1]))
-    env = td.make_env(TASK)  # the env run() trained on
+    env = td.make_env(TASK)  # the env run_agent() trained on
     policy = td.load_agent_policy(str(tmp_path / "run" / "agent.pt"), env, "cpu")
     obs, _ = env.reset(seed=0)
     for _ in range(5):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import eval as ev
+from conftest import TASK, frames, make_videogpt, viper_args
 
 
 def test_rankdata_ties():
@@ -62,8 +63,6 @@ def test_episode_files_pairs_epsilon_zero_with_the_degraded_seeds(tmp_path):
 
 
 def test_eval_reward_writes_json_and_png(tmp_path):
-    from test_viper import TASK, frames, make_videogpt
-
     model = make_videogpt(tmp_path / "videogpt.pt")
     experts, degraded = tmp_path / "experts", tmp_path / "degraded"
     for i in range(2):
@@ -111,8 +110,6 @@ def test_eval_agent_writes_json_and_gif(tmp_path):
 
 
 def test_eval_samples_writes_gif(tmp_path):
-    from test_viper import TASK, frames, make_videogpt
-
     model = make_videogpt(tmp_path / "videogpt.pt")
     _write_episode(tmp_path / "experts" / TASK / "test" / "000000.npz", frames(12, 0), np.zeros(12, np.float32))
     out = tmp_path / "samples"
@@ -179,7 +176,6 @@ def test_eval_curves_bad_inputs(tmp_path):
 # --- reference behaviour, heatmaps and the per-episode plot ---------------------------------------
 def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
     import train_viper_dreamer as td
-    from test_viper import TASK, frames, make_videogpt, viper_args
 
     model = make_videogpt(tmp_path / "videogpt.pt")
     expert = frames(9, 0)
@@ -227,8 +223,6 @@ def gym_time_limit(env, steps):
 
 
 def test_heatmap_tokens_sum_to_the_conditional_reward(tmp_path):
-    from test_viper import TASK, frames, make_videogpt
-
     model = make_videogpt(tmp_path / "videogpt.pt", seq_len=3, frame_skip=2)
     rm = ev.load_reward_model(model, cuda=False)
     video = frames(10, 3)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_videogpt as tv
+from conftest import small_frames
 
 H, W = 3, 2  # tiny token grid
 VOCAB = 11
@@ -102,50 +103,7 @@ def test_sample_shapes_and_kv_cache_equals_full_recompute():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# With a real (tiny) VQ-GAN checkpoint made by train_vqgan.py, and synthetic episodes.
-def make_episodes(root, tasks, splits, T=12, moving=True, seed=0):
-    """A white square on black: per task it moves right or down (expert-like); `moving=False` jumps at random."""
-    rng = np.random.default_rng(seed)
-    for ti, task in enumerate(tasks):
-        for split, n in splits.items():
-            os.makedirs(os.path.join(root, task, split), exist_ok=True)
-            for e in range(n):
-                v = np.zeros((T, 64, 64, 3), np.uint8)
-                x, y = rng.integers(0, 48, 2)
-                for t in range(T):
-                    if moving:
-                        x, y = (x + 4 * (ti == 0)) % 48, (y + 4 * (ti == 1)) % 48
-                    else:
-                        x, y = rng.integers(0, 48, 2)
-                    v[t, y:y + 16, x:x + 16] = 255
-                np.savez_compressed(os.path.join(root, task, split, f"{e:03d}.npz"), video=v)
-
-
-def write_mp4(path, video):
-    import cv2
-
-    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 10, video.shape[1:3][::-1])
-    for frame in video:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    import train_vqgan
-
-    root = str(tmp_path_factory.mktemp("videogpt"))
-    make_episodes(os.path.join(root, "data"), ["dmc_a", "dmc_b"], {"train": 3, "test": 1})
-    write_mp4(os.path.join(root, "data", "dmc_b", "train", "user_video.mp4"),  # users may bring their own videos
-              np.load(os.path.join(root, "data", "dmc_b", "train", "000.npz"))["video"])
-    make_episodes(os.path.join(root, "random"), ["dmc_a", "dmc_b"], {"train": 1, "test": 1}, moving=False, seed=5)
-    train_vqgan.main(train_vqgan.Args(
-        data_dir=os.path.join(root, "data"), image_size=16, base_channels=8, channel_mult=(1, 2, 2), codebook_size=16,
-        embed_dim=8, total_steps=2, batch_size=4, warmup_steps=1, eval_every=2, disc_start=1000, cuda=False,
-        output_dir=os.path.join(root, "vq")))
-    return root
-
-
+# With a real (tiny) VQ-GAN checkpoint made by train_vqgan.py, and synthetic episodes (the workdir fixture).
 def vqgan_ckpt(workdir):
     return torch.load(os.path.join(workdir, "vq", "vqgan.pt"), map_location="cpu", weights_only=False)
 
@@ -160,11 +118,6 @@ def test_inline_vqgan_copy_matches_train_vqgan(workdir):
     assert ours.shape == (12, 4, 4) and torch.equal(ours, theirs)
     encoder = tv.load_vq_encoder(ckpt, "cpu")  # the encoder half alone gives the same codes
     assert torch.equal(encoder.encode(frames), ours) and not hasattr(encoder, "decoder")
-
-
-def small_frames(workdir, task, split="test", name="000.npz"):
-    video = tv.read_video(os.path.join(workdir, "data", task, split, name), 16)
-    return torch.from_numpy(video)[None]  # [1, T, 16, 16, 3]
 
 
 def test_checkpoint_save_load_gives_identical_rewards(workdir, tmp_path):

@@ -2,36 +2,15 @@
 env reward kept away from learning, and short end-to-end runs with a tiny random-weight video model."""
 import csv
 import json
-import os
 import shutil
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
 import train_videogpt as tv
 import train_viper_dreamer as td
-
-TASK = "dmc_cartpole_balance"
-EPISODE = 50  # the end-to-end runs cut DMC episodes to this many steps
-
-
-
-
-def make_videogpt(path, seq_len=3, frame_skip=2, seed=0):
-    """A tiny random-weight videogpt.pt in the format train_videogpt.py writes (VQ-GAN 64px -> 4x4 codes)."""
-    torch.manual_seed(seed)
-    vq = tv.VQGAN(64, 8, (1, 1, 1, 1, 1), 1, 16, 8)
-    vq_ckpt = {"kind": "vqgan", "args": {"base_channels": 8, "num_res_blocks": 1}, "model": vq.state_dict(),
-               "image_size": 64, "token_hw": vq.token_hw, "codebook_size": 16, "embed_dim": 8,
-               "channel_mult": [1, 1, 1, 1, 1]}
-    args = tv.Args(seq_len=seq_len, frame_skip=frame_skip, width=32, num_layers=2, num_heads=4, mlp_dim=64,
-                   class_cond=True)
-    model = tv.VideoGPT(16, seq_len, vq.token_hw, 32, 2, 4, 64, 0.1, num_classes=2)
-    class_map = {TASK: 0, "dmc_reacher_easy": 1}
-    torch.save(tv.make_checkpoint(args, model, class_map, vq.token_hw, vq_ckpt, step=0), path)
-    return str(path)
+from conftest import EPISODE, TASK, frames, make_videogpt, run_agent, viper_args
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +21,6 @@ def videogpt_path(tmp_path_factory):
 def reference(path):
     """train_videogpt.py's own RewardModel on the same checkpoint: the rewards must match it."""
     return tv.load_videogpt(torch.load(path, weights_only=False), "cpu")
-
-
-def frames(T, seed):
-    """A white square wandering over noise: varied codes."""
-    rng = np.random.default_rng(seed)
-    video = rng.integers(0, 60, (T, 64, 64, 3), dtype=np.uint8)
-    for t, (x, y) in enumerate(rng.integers(0, 48, (T, 2))):
-        video[t, y:y + 16, x:x + 16] = 255
-    return video
-
-
-def viper_args(tmp, model, **kw):
-    base = dict(env_id=TASK, reward="viper", reward_model=model, size="cpu", total_steps=200, prefill=64,
-                batch_size=4, batch_length=16, train_ratio=8.0, eval_every=200, eval_episodes=1, save_every=200,
-                log_every=100, replay_capacity=1000, output_dir=str(tmp), seed=0)
-    base.update(kw)
-    return td.Args(**{**td.preset(base["size"], base["reward"]), **base})
 
 
 # --- rewards at insert time ----------------------------------------------------------------------
@@ -196,46 +158,10 @@ def test_env_reward_reaches_learning_only_through_its_scale(videogpt_path, tmp_p
 
 
 # --- end to end ----------------------------------------------------------------------------------
-class ShortEpisodes(gym.Wrapper):
-    """Cuts episodes to EPISODE steps (several episodes in a short run); optionally replaces the env reward."""
-
-    def __init__(self, env, poison=None):
-        super().__init__(env)
-        self.poison, self.t = poison, 0
-
-    def reset(self, **kw):
-        self.t = 0
-        return self.env.reset(**kw)
-
-    def step(self, action):
-        obs, r, terminated, truncated, info = self.env.step(action)
-        self.t += 1
-        r = r if self.poison is None else self.poison
-        return obs, r, terminated, truncated or self.t >= EPISODE, info
-
-
-def run(out, model, poison=None, **kw):
-    """main() on short episodes, counting every call of the video model's scorer and the steps it scores."""
-    calls = []
-    score = td.RewardModel.rewards_from_codes
-    make_env = td.make_env
-
-    def counted(self, codes, *a, **k):
-        r = score(self, codes, *a, **k)
-        calls.append(r.shape[1])
-        return r
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(td.RewardModel, "rewards_from_codes", counted)
-        mp.setattr(td, "make_env", lambda env_id, seed=0: ShortEpisodes(make_env(env_id, seed), poison))
-        agent, counters = td.main(viper_args(out, model, **kw))
-    return agent, counters, calls
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, videogpt_path):
     clean, poisoned = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("nan")
-    return dict(clean=(clean, *run(clean, videogpt_path)), nan=(poisoned, *run(poisoned, videogpt_path, poison=np.nan)))
+    return dict(clean=(clean, *run_agent(clean, videogpt_path)), nan=(poisoned, *run_agent(poisoned, videogpt_path, poison=np.nan)))
 
 
 def scalars(out, tag):
@@ -318,7 +244,7 @@ def test_resume_viper_run(runs, videogpt_path, tmp_path):
     for name in ("eval.csv", "episodes.csv"):  # rows of a stretch run past the checkpoint (killed before saving)
         with open(out / name, "a") as f:
             f.write("230,1.0,2.0,3\n" if name == "episodes.csv" else "230,1.0\n")
-    agent, counters, calls = run(out, videogpt_path, resume=True, total_steps=232, eval_every=1000)
+    agent, counters, calls = run_agent(out, videogpt_path, resume=True, total_steps=232, eval_every=1000)
     info = json.loads((out / "run.json").read_text())
     assert info["env_steps"] == 232 and info["wall_time_s"] > json.loads((src / "run.json").read_text())["wall_time_s"]
     for name in ("eval.csv", "episodes.csv"):  # are dropped, not doubled, when that stretch is run again
@@ -381,6 +307,6 @@ def test_run_saved_with_the_old_term_names_resumes_identically(runs, videogpt_pa
         arrays = {("reward" if k == "task" else k): f[k] for k in f.files}
     np.savez_compressed(old / "replay.npz", **arrays)
     assert td.args_from_checkpoint(a) == td.args_from_checkpoint(torch.load(new / "agent.pt", weights_only=False)["args"])
-    results = [run(d, videogpt_path, resume=True, total_steps=232, eval_every=1000)[0] for d in (new, old)]
+    results = [run_agent(d, videogpt_path, resume=True, total_steps=232, eval_every=1000)[0] for d in (new, old)]
     for k, v in results[0].state_dict().items():
         assert torch.equal(v, results[1].state_dict()[k]), k

@@ -10,42 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_vqgan as tv
-
-
-
-TINY = dict(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, codebook_size=32, embed_dim=8)
-
-
-def synthetic_video(rng, T=8, size=64):
-    """Coloured rectangles on a gradient: simple enough for a tiny model to learn quickly."""
-    y, x = np.mgrid[:size, :size]
-    frames = []
-    for _ in range(T):
-        img = np.stack([x * 2, y * 2, np.full_like(x, 90)], -1).astype(np.float64)
-        for _ in range(2):
-            x0, y0 = rng.integers(0, size - 24, 2)
-            img[y0:y0 + 20, x0:x0 + 20] = rng.integers(0, 256, 3)
-        frames.append(img)
-    return np.clip(frames, 0, 255).astype(np.uint8)
-
-
-def make_dataset(root, tasks=("task_a", "task_b"), episodes=2, T=8, seed=0):
-    rng = np.random.default_rng(seed)
-    for task in tasks:
-        for split, n in (("train", episodes), ("test", 1)):
-            os.makedirs(root / task / split, exist_ok=True)
-            for i in range(n):
-                np.savez_compressed(root / task / split / f"{i:06d}.npz", video=synthetic_video(rng, T),
-                                    reward=np.zeros(T, np.float32))
-    return root
-
-
-def tiny_args(data_dir, out_dir, **kw):
-    base = dict(data_dir=str(data_dir), output_dir=str(out_dir), batch_size=4, total_steps=4, learning_rate=1e-3,
-                warmup_steps=1, disc_start=2, dead_code_steps=1, eval_every=1000, eval_frames=16, log_every=1,
-                cuda=False, seed=3, threads=1, **TINY)
-    base.update(kw)
-    return tv.Args(**base)
+from conftest import make_dataset, vqgan_args
 
 
 @pytest.mark.parametrize("mult,hw", [((1, 2, 2, 2), 8), ((1, 2, 2), 16)])
@@ -89,7 +54,7 @@ def test_tiny_model_learns_and_checkpoint_round_trips(tmp_path):
     data = make_dataset(tmp_path / "data", tasks=("only",), episodes=1, T=6)
     # train = test here (same frames): we only ask that the loop learns to reconstruct
     shutil.copy(data / "only" / "train" / "000000.npz", data / "only" / "test" / "000000.npz")
-    args = tiny_args(data, tmp_path / "run", total_steps=60, batch_size=6, disc_start=10_000, dead_code_steps=20,
+    args = vqgan_args(data, tmp_path / "run", total_steps=60, batch_size=6, disc_start=10_000, dead_code_steps=20,
                      learning_rate=3e-3, warmup_steps=5, base_channels=16, codebook_size=64, embed_dim=16)
     frames, task_ids = tv.load_split(str(data), ["only"], "test", 64)
     torch.manual_seed(args.seed)
@@ -127,10 +92,10 @@ def test_vqgan_makes_its_modules_in_the_order_encoder_decoder_quantizer():
 
 def test_resume_continues_at_saved_step_and_matches_uninterrupted_run(tmp_path):
     data = make_dataset(tmp_path / "data")
-    straight = tv.main(tiny_args(data, tmp_path / "a", total_steps=6))
-    tv.main(tiny_args(data, tmp_path / "b", total_steps=3))
+    straight = tv.main(vqgan_args(data, tmp_path / "a", total_steps=6))
+    tv.main(vqgan_args(data, tmp_path / "b", total_steps=3))
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
-    resumed = tv.main(tiny_args(data, tmp_path / "b", total_steps=6, resume=True))
+    resumed = tv.main(vqgan_args(data, tmp_path / "b", total_steps=6, resume=True))
     assert resumed["step"] == 6
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
@@ -141,7 +106,7 @@ def test_resume_continues_at_saved_step_and_matches_uninterrupted_run(tmp_path):
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
     assert straight["psnr"] == pytest.approx(resumed["psnr"], abs=1e-3)
     with pytest.raises(FileNotFoundError, match="checkpoint"):
-        tv.main(tiny_args(data, tmp_path / "nothing_here", resume=True))
+        tv.main(vqgan_args(data, tmp_path / "nothing_here", resume=True))
 
 
 def test_bad_inputs_give_errors_naming_them(tmp_path):
@@ -156,7 +121,7 @@ def test_bad_inputs_give_errors_naming_them(tmp_path):
     # a task folder with no episode files: the error says what was searched
     os.makedirs(data / "bare" / "train")
     with pytest.raises(FileNotFoundError, match=r"\*\.npz/\*\.mp4/\*\.avi in .*bare.*train"):
-        tv.main(tiny_args(data, tmp_path / "run", tasks=("bare",)))
+        tv.main(vqgan_args(data, tmp_path / "run", tasks=("bare",)))
 
     bad = data / "task_a" / "train"
     np.savez(bad / "wrong_shape.npz", video=np.zeros((4, 64, 64), np.uint8))
@@ -240,7 +205,7 @@ def test_reusing_an_output_dir_without_resume_is_an_error(tmp_path):
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"an earlier run")
     with pytest.raises(FileExistsError, match=r"run.*add --resume to continue.*another --output-dir"):
-        tv.main(tiny_args(make_dataset(tmp_path / "data"), out, total_steps=1))
+        tv.main(vqgan_args(make_dataset(tmp_path / "data"), out, total_steps=1))
     assert os.listdir(out) == ["checkpoint.pt"] and (out / "checkpoint.pt").read_bytes() == b"an earlier run"
 
 
@@ -248,7 +213,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     # --learning-rate 1e4 diverges within a few steps; --eval-every 1 saves after every step
     data = make_dataset(tmp_path / "data")
     with pytest.raises(FloatingPointError, match=r"diverged at step \d.*lower --learning-rate"):
-        tv.main(tiny_args(data, tmp_path / "run", learning_rate=1e4, total_steps=6, eval_every=1, dead_code_steps=0))
+        tv.main(vqgan_args(data, tmp_path / "run", learning_rate=1e4, total_steps=6, eval_every=1, dead_code_steps=0))
     for name in ("vqgan.pt", "checkpoint.pt"):
         ckpt = torch.load(tmp_path / "run" / name, weights_only=False)
         assert ckpt["step"] < 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values()), name
@@ -256,7 +221,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     data = make_dataset(tmp_path / "data")
-    tv.main(tiny_args(data, tmp_path / "a", total_steps=4))
+    tv.main(vqgan_args(data, tmp_path / "a", total_steps=4))
     clip, calls = torch.nn.utils.clip_grad_norm_, []
 
     def ctrl_c_in_third_update(*a, **kw):  # steps 0, 1 clip once each; step 2 (first GAN step) is interrupted
@@ -268,14 +233,14 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_in_third_update)
     with pytest.raises(SystemExit) as stop:
         try:
-            tv.main(tiny_args(data, tmp_path / "b", total_steps=4))
+            tv.main(vqgan_args(data, tmp_path / "b", total_steps=4))
         except KeyboardInterrupt:
             pytest.fail("Ctrl-C escaped main() as a traceback, nothing saved")
     assert stop.value.code == 130
     assert f"interrupted at step 2: saved {tmp_path / 'b' / 'checkpoint.pt'}" in capsys.readouterr().out
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
     monkeypatch.undo()
-    tv.main(tiny_args(data, tmp_path / "b", total_steps=4, resume=True))
+    tv.main(vqgan_args(data, tmp_path / "b", total_steps=4, resume=True))
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
     assert b["step"] == 4
     for k in a["model"]:
@@ -284,6 +249,6 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
 
 def test_resume_with_another_architecture_names_the_flag(tmp_path):
     data = make_dataset(tmp_path / "data")
-    tv.main(tiny_args(data, tmp_path / "run", total_steps=1))
+    tv.main(vqgan_args(data, tmp_path / "run", total_steps=1))
     with pytest.raises(ValueError, match="--base-channels 8 there, 16 here"):
-        tv.main(tiny_args(data, tmp_path / "run", total_steps=2, resume=True, base_channels=16))
+        tv.main(vqgan_args(data, tmp_path / "run", total_steps=2, resume=True, base_channels=16))
