@@ -288,7 +288,7 @@ def test_smoke_pong_discrete(tmp_path):
     assert isinstance(a, int) and 0 <= a < env.action_space.n
 
 
-# --- reward terms (part 2) with the task reward -----------------------------------------------------
+# --- the task reward with a Plan2Explore bonus; checkpoints and runs in older formats ---------------
 def test_task_reward_with_plan2explore_bonus():
     """--reward task --disagreement-scale 1: task critic and disagreement critic, reward head kept, ensemble trained."""
     torch.manual_seed(0)

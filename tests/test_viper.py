@@ -47,7 +47,7 @@ def test_insert_time_rewards_equal_compute_rewards(tmp_path, mode, skip):
     assert r0 < 0 and r0 == pytest.approx(float(ref.compute_rewards(video[:1][None], TASK, "joint")[0, 0]), abs=1e-4)
 
 
-def test_task_reward_labeler_is_unchanged():
+def test_task_reward_labeler_passes_the_env_reward_through():
     labeler = td.StepRewards(td.Args())
     assert labeler.fields == ("task",)
     assert labeler.reset(None) == {"task": 0.0} and labeler(None, 2.5) == {"task": 2.5}
