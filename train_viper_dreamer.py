@@ -19,7 +19,8 @@ The algorithm, top to bottom:
    their disagreement (std across members, mean over dims) rewards transition t -> t+1.
 4. Actor-critic in imagination (15 steps from every replayed state): one critic per reward term with a
    nonzero scale (REWARD_TERMS: `density`, `disagreement`, `task`), each with a slow critic and a return
-   normaliser; lambda-return (0.95, discount 1 - 1/333); advantages mixed as A = sum_k s_k (R^k - v_k) / max(1, P95_k - P5_k) / sum s_k.
+   normaliser; lambda-return (0.95, discount 1 - 1/333); advantages mixed as
+   A = sum_k s_k (R^k - v_k) / max(1, P95_k - P5_k) / sum s_k.
    Continuous actions (DMC): backprop through the dynamics, Normal(tanh(mu), sigma in [0.1, 1]); discrete
    (Atari): REINFORCE with 1% unimix; entropy bonus 3e-4. `--reward viper` defaults (density 1,
    disagreement 1, task 0) are the official `videogpt_prior_rb` setting: the env reward reaches no network.
@@ -86,7 +87,8 @@ class Args:
     """reward the agent learns from: `task` = the environment's reward (the oracle baseline); `viper` = the
     video model's log-likelihood of the agent's frames (needs --reward-model; the env reward is then only
     logged and evaluated, unless --task-scale > 0). Sets the defaults of the three --*-scale flags"""
-    reward_model: Annotated[Optional[str], tyro.conf.arg(metavar="PATH", help_behavior_hint="(required with --reward viper)")] = None
+    reward_model: Annotated[Optional[str], tyro.conf.arg(
+        metavar="PATH", help_behavior_hint="(required with --reward viper)")] = None
     """videogpt.pt written by train_videogpt.py; its class map must hold --env-id"""
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """VIPER reward of step t: `conditional` = log p(x_t | earlier frames of its window) (paper formula);
@@ -186,7 +188,7 @@ IMAG_HORIZON, GAMMA, LAMBDA = 15, 1.0 - 1.0 / 333, 0.95
 ACTOR_ENT = 3e-4
 SLOW_CRITIC_MIX, SLOWREG = 0.02, 1.0
 RETNORM_DECAY, RETNORM_LO, RETNORM_HI = 0.99, 0.05, 0.95
-DISAG_MODELS = 8  # Plan2Explore ensemble members (VIPER/DreamerV3 code: disag_models 8)
+ENSEMBLE_MEMBERS = 8  # Plan2Explore ensemble members (VIPER/DreamerV3 code: disag_models 8)
 CORR_EPISODES = 20  # episodes in the logged correlation of VIPER and task returns
 MODEL_EPS, MODEL_CLIP = 1e-8, 1000.0  # Adam epsilon and global grad-norm clip of the world model
 AC_EPS, AC_CLIP = 1e-5, 100.0  # same, actor and critics
@@ -608,13 +610,11 @@ class TwoHotHead(nn.Module):
 
 
 class Ensemble(nn.Module):
-    """Plan2Explore: DISAG_MODELS one-step models (deter_t, stoch_t, action_t) -> stoch_{t+1}, flattened.
+    """Plan2Explore: ENSEMBLE_MEMBERS one-step models (deter_t, stoch_t, action_t) -> stoch_{t+1}, flattened.
+    From different random initialisations on the same data, they agree where the data is and disagree
+    where it is not: the std across members, averaged over dimensions, rewards novelty."""
 
-    They see the same data from different random initialisations, so they agree where the data is and
-    disagree where it is not: the std across members, averaged over dimensions, rewards novelty.
-    """
-
-    def __init__(self, inp, out, units, layers, members=DISAG_MODELS):
+    def __init__(self, inp, out, units, layers, members=ENSEMBLE_MEMBERS):
         super().__init__()
         self.members = nn.ModuleList(nn.Sequential(mlp(inp, units, layers), nn.Linear(units, out))
                                      for _ in range(members))
@@ -666,14 +666,10 @@ class StepRewards:
     """Labels each step ONCE as it enters the replay: returns the LABELLED fields of the step.
 
     `task`: the env reward (received on arriving at the step's frame; 0 at a reset). With a reward model
-    (VIPER) also `density`: the video model's reward of the step. Each new frame is encoded to codes once,
-    as it arrives; the episode's last (L-1)k+1 codes are kept (all a window of L frames with skip k can
-    reach) and the new step alone is scored with `rewards_from_codes(..., first_step=last)`, which equals
-    `compute_rewards` over the whole episode: while the episode is shorter than the window, nothing has
-    been dropped and the local index is the episode index (same first-steps rule); after that the local
-    index (L-1)k already gets a full window. The reset frame (step 0) is scored too, by the same rule
-    (log p(x_0) alone); it is not given 0 as the env reward is, because in log-likelihood units 0 is the
-    best possible reward: the density head would learn that reset-like states are the most expert-like.
+    also `density`: each new frame is encoded once; the episode's last (L-1)k+1 codes are kept (all a window
+    of L frames with skip k can reach) and the new step alone is scored (`first_step`=last), which equals
+    `compute_rewards` over the whole episode. The reset frame is scored too (log p(x_0)): 0 would be the
+    best possible log-likelihood, and the density head would learn that reset-like states are expert-like.
     """
 
     def __init__(self, args, reward_model=None):
@@ -752,7 +748,8 @@ class Replay:
         try:
             with np.load(path) as f:  # replays saved before the task term had one name store it as `reward`
                 stored = {k: "reward" if k == "task" and "task" not in f.files else k for k in self.data}
-                arrays = {k: f[stored.get(k, k)] for k in ["size", "ptr", *self.data, *(["step"] if "step" in f.files else [])]}
+                keys = ["size", "ptr", *self.data, *(["step"] if "step" in f.files else [])]
+                arrays = {k: f[stored.get(k, k)] for k in keys}
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated, not npz
             raise ValueError(f"{path} is not a readable replay ({type(e).__name__}: {e}); delete it to resume "
                              f"with an empty replay") from e
@@ -771,24 +768,35 @@ class Replay:
 # ---------------------------------------------------------------------------------------------
 # Agent
 # ---------------------------------------------------------------------------------------------
+def apply_gradients(opt, loss, params, clip):
+    """Backward, clip the global gradient norm, Adam step. Returns the gradient norm before clipping."""
+    params = list(params)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return norm.item()
+
+
 class Dreamer(nn.Module):
     def __init__(self, args: Args, act_dim: int, discrete: bool):
         super().__init__()
-        s = SIZES[args.size]
+        size = SIZES[args.size]
         self.act_dim, self.discrete, self.baseline_grad = act_dim, discrete, args.baseline_grad
-        self.encoder = ConvEncoder(s["depth"])
-        self.rssm = RSSM(act_dim, self.encoder.out_dim, s["deter"], s["units"], s["stoch"], s["classes"])
+        self.encoder = ConvEncoder(size["depth"])
+        self.rssm = RSSM(act_dim, self.encoder.out_dim, size["deter"], size["units"], size["stoch"], size["classes"])
         feat = self.rssm.feat_dim
-        self.decoder = ConvDecoder(feat, s["depth"])
+        self.decoder = ConvDecoder(feat, size["depth"])
         self.scales = term_scales(args)
         # world-model heads of the labelled terms that are on (official VIPER: `grad_heads: [decoder, density,
         # cont]`): with --task-scale 0 there is no task head, so the env reward reaches no gradient at all
-        self.heads = nn.ModuleDict({k: TwoHotHead(feat, s["units"], s["layers"]) for k in LABELLED if k in self.scales})
-        self.cont = nn.Sequential(mlp(feat, s["units"], s["layers"]), nn.Linear(s["units"], 1))
-        self.actor = Actor(feat, act_dim, discrete, s["units"], s["layers"])
-        self.critics = nn.ModuleDict({k: TwoHotHead(feat, s["units"], s["layers"]) for k in self.scales})
+        self.heads = nn.ModuleDict({k: TwoHotHead(feat, size["units"], size["layers"])
+                                    for k in LABELLED if k in self.scales})
+        self.cont = nn.Sequential(mlp(feat, size["units"], size["layers"]), nn.Linear(size["units"], 1))
+        self.actor = Actor(feat, act_dim, discrete, size["units"], size["layers"])
+        self.critics = nn.ModuleDict({k: TwoHotHead(feat, size["units"], size["layers"]) for k in self.scales})
         self.retnorms = nn.ModuleDict({k: ReturnNorm() for k in self.scales})
-        self.ensemble = (Ensemble(feat + act_dim, s["stoch"] * s["classes"], s["units"], s["layers"])
+        self.ensemble = (Ensemble(feat + act_dim, size["stoch"] * size["classes"], size["units"], size["layers"])
                          if "disagreement" in self.scales else None)
         init_weights(self)
         for head in [*self.heads.values(), *self.critics.values()]:
@@ -921,12 +929,14 @@ class Dreamer(nn.Module):
 
         with autocast:
             model_loss, post, metrics = self.world_model_loss(batch)
-        metrics["grad_norm/model"] = step(self.model_opt, model_loss, self.world_model.parameters(), MODEL_CLIP)
+        metrics["grad_norm/model"] = apply_gradients(self.model_opt, model_loss, self.world_model.parameters(),
+                                                     MODEL_CLIP)
         if self.ensemble is not None:
             with autocast:
                 ens_loss = self.ensemble_loss(post, batch)
             metrics["loss/ensemble"] = ens_loss.item()
-            metrics["grad_norm/ensemble"] = step(self.ensemble_opt, ens_loss, self.ensemble.parameters(), AC_CLIP)
+            metrics["grad_norm/ensemble"] = apply_gradients(self.ensemble_opt, ens_loss, self.ensemble.parameters(),
+                                                            AC_CLIP)
 
         backprop = not self.discrete  # continuous: backprop through dynamics; discrete: REINFORCE
         start = {k: v.detach().flatten(0, 1) for k, v in post.items()}
@@ -935,30 +945,20 @@ class Dreamer(nn.Module):
             traj, dists = self.imagine(start, start_cont, backprop)
             actor_loss, targets, m = self.actor_critic_loss(traj, dists, backprop)
         metrics.update(m)
-        metrics["grad_norm/actor"] = step(self.actor_opt, actor_loss, self.actor.parameters(), AC_CLIP)
+        metrics["grad_norm/actor"] = apply_gradients(self.actor_opt, actor_loss, self.actor.parameters(), AC_CLIP)
 
         traj = {k: v.detach() for k, v in traj.items()}
         for k in self.critics:
             with autocast:
                 loss = self.critic_loss(k, traj, targets[k])
             metrics[f"loss/critic_{k}"] = loss.item()
-            metrics[f"grad_norm/critic_{k}"] = step(self.critic_opts[k], loss, self.critics[k].parameters(),
+            metrics[f"grad_norm/critic_{k}"] = apply_gradients(self.critic_opts[k], loss, self.critics[k].parameters(),
                                                     AC_CLIP)
             with torch.no_grad():  # slow critic: EMA of the critic, regularises its targets
                 for p, sp in zip(self.critics[k].parameters(), self.slow_critics[k].parameters()):
                     sp.lerp_(p, SLOW_CRITIC_MIX)
         metrics["loss/model"] = model_loss.item()
         return metrics
-
-
-def step(opt, loss, params, clip):
-    """Backward, clip the global gradient norm, Adam step. Returns the gradient norm before clipping."""
-    params = list(params)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = nn.utils.clip_grad_norm_(params, clip)
-    opt.step()
-    return norm.item()
 
 
 # ---------------------------------------------------------------------------------------------

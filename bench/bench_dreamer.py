@@ -73,7 +73,7 @@ class PartTimer:
             return {id(ag.model_opt): "world model", id(ag.actor_opt): "actor",
                     id(ag.ensemble_opt): "ensemble"}.get(id(opt), "critics")
 
-        self.wrap(td, "step", part_of_step)
+        self.wrap(td, "apply_gradients", part_of_step)
         return self
 
     def __exit__(self, *exc):

@@ -91,7 +91,7 @@ def test_disagreement_reward_shape_and_zero_when_members_agree(videogpt_path, tm
     torch.manual_seed(0)
     agent = td.Dreamer(viper_args(tmp_path, videogpt_path), 2, False)
     s = td.SIZES["cpu"]
-    assert len(agent.ensemble.members) == td.DISAG_MODELS == 8
+    assert len(agent.ensemble.members) == td.ENSEMBLE_MEMBERS == 8
     traj = imagined(agent)
     with torch.no_grad():
         rewards = agent.imagined_rewards(traj)
