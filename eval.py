@@ -90,6 +90,8 @@ class SamplesArgs:
     """seed of the context draw and of the sampling"""
     output_dir: str = "runs/eval_samples"
     """where samples.gif goes"""
+    cuda: bool = True
+    """use CUDA when available"""
 
 
 @dataclass
@@ -131,6 +133,8 @@ class ReferenceArgs:
     output_dir: str = "runs/eval_reference"
     """where reference.json and reference.csv go (pass reference.json to train_viper_dreamer.py
     --reference-returns and to eval.py episodes)"""
+    cuda: bool = True
+    """use CUDA when available"""
 
 
 @dataclass
@@ -147,6 +151,8 @@ class HeatmapArgs:
     """frames per episode in the figure, evenly spaced over the episode"""
     output: str = "runs/eval_heatmap/heatmap.png"
     """PNG to write"""
+    cuda: bool = True
+    """use CUDA when available"""
 
 
 @dataclass
@@ -406,7 +412,7 @@ def eval_samples(args: SamplesArgs):
     from train_videogpt import sample_video
     from train_viper_dreamer import save_gif
 
-    rm = load_reward_model(args.reward_model, decoder=True)
+    rm = load_reward_model(args.reward_model, args.cuda, decoder=True)
     task = args.task or sorted(os.listdir(args.data_dir))[0]
     paths = sorted(glob.glob(os.path.join(args.data_dir, task, "test", "*.npz")))
     if not paths:
@@ -597,7 +603,7 @@ def eval_reference(args: ReferenceArgs):
         sys.exit(f"error: --episodes must be >= 1, got {args.episodes}")
     if args.env_id not in cev.VALID_ENV_IDS:
         sys.exit(f"error: unknown --env-id {args.env_id!r}; valid ids: {', '.join(cev.VALID_ENV_IDS)}")
-    rm = load_reward_model(args.reward_model, task=args.env_id)
+    rm = load_reward_model(args.reward_model, args.cuda, task=args.env_id)
     recorded = {}  # behaviour -> npz paths
     test = sorted(glob.glob(os.path.join(args.data_dir, args.env_id, "test", "*.npz")))
     if test:
@@ -688,7 +694,7 @@ def eval_heatmap(args: HeatmapArgs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rm = load_reward_model(args.reward_model, task=args.env_id)
+    rm = load_reward_model(args.reward_model, args.cuda, task=args.env_id)
     sources = {"expert": sorted(glob.glob(os.path.join(args.data_dir, args.env_id, "test", "*.npz"))),
                "random": sorted(glob.glob(os.path.join(args.random_dir, args.env_id, "*", "*.npz")))}
     for name, paths in sources.items():
