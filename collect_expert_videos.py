@@ -52,6 +52,9 @@ class Args:
     """share of episodes written to test/ (the last ones); at least one when > 0 and num_episodes > 1"""
     prefix: str = ""
     """prepended to episode file names, e.g. `eps0.50_` so degraded episodes can sit beside experts"""
+    max_steps: Optional[int] = None
+    """end each episode after this many agent steps (its video then holds max-steps + 1 frames); default: no cap.
+    Keeps long episodes small: a scripted Pong expert plays ~1,700 steps per game"""
 
 
 # ==== ENV: copied verbatim from collect_expert_videos.py into train_viper_dreamer.py; tests/test_parity.py keeps the copies identical ====
@@ -437,7 +440,8 @@ def save_episode(path: str, video, action, reward):
             os.remove(tmp)
 
 
-def run_episode(env, policy, rng, epsilon, seed):
+def run_episode(env, policy, rng, epsilon, seed, max_steps=None):
+    """One episode -> (video, action, reward) as saved; max_steps ends it after that many agent steps."""
     obs, _ = env.reset(seed=seed)
     if hasattr(policy, "reset"):  # stateful policies (agent latent, expert phase) start afresh
         policy.reset()
@@ -451,7 +455,7 @@ def run_episode(env, policy, rng, epsilon, seed):
         video.append(obs)
         actions.append(a)
         rewards.append(r)
-        done = terminated or truncated
+        done = terminated or truncated or (max_steps is not None and len(rewards) > max_steps)
     actions = np.asarray(actions, np.int64 if discrete else np.float32)
     return np.stack(video), actions, np.asarray(rewards, np.float32)
 
@@ -461,6 +465,8 @@ def main(args: Args):
         sys.exit(f"error: unknown env id {args.env_id!r}; valid ids: {', '.join(VALID_ENV_IDS)}")
     if not 0.0 <= args.epsilon <= 1.0:
         sys.exit(f"error: --epsilon must be in [0, 1], got {args.epsilon}")
+    if args.max_steps is not None and args.max_steps < 1:
+        sys.exit(f"error: --max-steps must be >= 1, got {args.max_steps}")
     if args.policy == "agent" and not args.agent_checkpoint:
         sys.exit("error: --policy agent needs --agent-checkpoint PATH")
     num_test = 0
@@ -489,7 +495,8 @@ def main(args: Args):
     returns, t0 = [], time.time()
     bar = tqdm(range(args.num_episodes), desc=f"{args.env_id} {args.policy} eps={args.epsilon}")
     for i in bar:
-        video, action, reward = run_episode(env, policy, rng, args.epsilon, seed=args.seed + i)
+        video, action, reward = run_episode(env, policy, rng, args.epsilon, seed=args.seed + i,
+                                            max_steps=args.max_steps)
         split = "test" if i >= args.num_episodes - num_test else "train"
         save_episode(os.path.join(out, split, f"{args.prefix}{args.seed + i:06d}.npz"), video, action, reward)
         returns.append(float(reward.sum()))

@@ -99,7 +99,7 @@ def test_sigint_to_a_running_agent_saves_and_exits_130(tmp_path):
 # flags whose default really is None (an optional path or number), as their --help says
 NONE_DEFAULTS = {
     "train_viper_dreamer.py": set(),  # its optional paths show PATH and what their absence means
-    "collect_expert_videos.py": {"--agent-checkpoint"},
+    "collect_expert_videos.py": {"--agent-checkpoint", "--max-steps"},
     "train_vqgan.py": {"--perceptual-weights", "--output-dir"},
     "train_videogpt.py": {"--tasks", "--random-data-dir", "--output-dir"},
     "eval.py reward": {"--tasks", "--max-steps"}, "eval.py agent": set(), "eval.py reference": set(),

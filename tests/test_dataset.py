@@ -26,6 +26,17 @@ def test_dataset_round_trip_schema(tmp_path):
     assert np.array_equal(env.reset(seed=5)[0], ep["video"][0])
 
 
+def test_max_steps_caps_an_episode(tmp_path):
+    """--max-steps: an Atari game of thousands of steps is cut to max-steps + 1 frames (frame 0 is the reset)."""
+    returns = cev.main(cev.Args(env_id="atari_pong", policy="random", num_episodes=1, seed=3, max_steps=40,
+                                output_dir=str(tmp_path), test_fraction=0))
+    ep = np.load(tmp_path / "atari_pong" / "train" / "000003.npz")
+    assert ep["video"].shape == (41, 64, 64, 3) and ep["action"].shape == ep["reward"].shape == (41,)
+    assert ep["action"].dtype == np.int64 and ep["reward"].sum() == returns[0]
+    with pytest.raises(SystemExit, match="--max-steps"):
+        cev.main(cev.Args(env_id="atari_pong", max_steps=0, output_dir=str(tmp_path)))
+
+
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(f, **arrays):
         f.write(b"partial")
