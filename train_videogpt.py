@@ -214,18 +214,38 @@ class Quantizer(nn.Module):
         return sim.argmax(-1)
 
 
+def pixel_mask(mask, image_size):
+    """None (no mask) or a [H, W] array of 0/1 (1 = keep the pixel, 0 = blank it) -> None or uint8 tensor [H, W]."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if mask.shape != (image_size, image_size) or not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"a pixel mask is [{image_size}, {image_size}] of 0/1, got {mask.dtype} {tuple(mask.shape)}")
+    return mask.to(torch.uint8)
+
+
+def apply_mask(frames, mask):
+    """uint8 frames [..., H, W, 3] with the masked pixels set to 0 (black); unchanged (the same tensor) for None."""
+    return frames if mask is None else frames * mask[..., None]
+
+
 class VQEncoder(nn.Module):
     """The tokenizer half of the VQ-GAN, all that turning frames into codes needs: frames -> encoder -> unit
     vectors z -> nearest codes. VQGAN (below in train_vqgan.py and train_videogpt.py) adds the decoder; the
-    attribute names are VQGAN's, so both load from the state dict in vqgan.pt."""
+    attribute names are VQGAN's, so both load from the state dict in vqgan.pt.
+
+    mask: an optional pixel mask ([H, W], 1 = keep, 0 = blank; e.g. the score digits of an Atari game) that
+    `encode` multiplies into every frame first. It is the buffer `mask` of the state dict, so vqgan.pt (and the
+    videogpt.pt that embeds it) carries it to every later stage; a model without a mask has no such entry."""
 
     def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                 codebook_size=256, embed_dim=64):
+                 codebook_size=256, embed_dim=64, mask=None):
         super().__init__()
         self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
         self.quantizer = Quantizer(codebook_size, embed_dim)
         self.image_size, self.codebook_size = image_size, codebook_size
         self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
+        self.register_buffer("mask", pixel_mask(mask, image_size))
 
     @torch.inference_mode()
     def encode(self, frames, chunk_size=256):
@@ -237,7 +257,8 @@ class VQEncoder(nn.Module):
         device = self.quantizer.codebook.weight.device
         codes = [torch.zeros(0, *self.token_hw, dtype=torch.long, device=device)]
         for i in range(0, len(frames), chunk_size):
-            x = frames[i:i + chunk_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            x = apply_mask(frames[i:i + chunk_size].to(device), self.mask)
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
             codes.append(self.quantizer(F.normalize(self.encoder(x), dim=1)))
         return torch.cat(codes)
 
@@ -253,7 +274,7 @@ def vq_config(ckpt):
 
 def load_vq_encoder(ckpt, device="cpu"):
     """Rebuild the VQEncoder (eval mode) of a vqgan.pt dict: its encoder and codebook weights, not the decoder's."""
-    model = VQEncoder(*vq_config(ckpt))
+    model = VQEncoder(*vq_config(ckpt), mask=ckpt["model"].get("mask"))  # checkpoints before masks have none
     model.load_state_dict({k: ckpt["model"][k] for k in model.state_dict()})
     return model.to(device).eval()
 # ==== END VQGAN_ENCODER ====
@@ -278,7 +299,7 @@ class VQGAN(VQEncoder):
     """The whole VQ-GAN: VQEncoder's frames -> codes, plus codes -> codebook vectors -> decoder -> frames."""
 
     def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                 codebook_size=256, embed_dim=64):
+                 codebook_size=256, embed_dim=64, mask=None):
         nn.Module.__init__(self)  # not VQEncoder.__init__: the decoder is made between the encoder and the
         # quantizer, the order that fixes a seed's initial weights and the parameter order of every checkpoint
         self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
@@ -286,6 +307,7 @@ class VQGAN(VQEncoder):
         self.quantizer = Quantizer(codebook_size, embed_dim)
         self.image_size, self.codebook_size = image_size, codebook_size
         self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
+        self.register_buffer("mask", pixel_mask(mask, image_size))
 
     def lookup(self, codes):  # long [B,h,w] -> unit codebook vectors [B,D,h,w]
         return F.normalize(self.quantizer.codebook(codes), dim=-1).permute(0, 3, 1, 2)
@@ -310,7 +332,7 @@ class VQGAN(VQEncoder):
 
 def load_vqgan(ckpt, device="cpu"):
     """Rebuild a trained VQGAN (eval mode) from the dict saved as vqgan.pt by train_vqgan.py."""
-    model = VQGAN(*vq_config(ckpt))
+    model = VQGAN(*vq_config(ckpt), mask=ckpt["model"].get("mask"))  # checkpoints before masks have none
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 # ==== END VQGAN_DECODER ====

@@ -40,6 +40,16 @@ Codebook usage. Two things keep many codes alive (held-out usage is a measured t
     drawn with probability proportional to its distance from its current code (k-means++
     style), so that the new codes go to the patterns the codebook represents worst.
 
+Score mask (`--mask-top-rows N`, default none): the top N pixel rows of every frame are blanked (set to
+black) before tokenising. On Atari they hold the score digits, which VIPER masks (its paper reports that it
+helps): a video model that sees the score spends its likelihood on digits, not on play. The mask blanks the
+training frames, so the model's inputs and its reconstruction targets alike, and the held-out frames that PSNR
+and the image grid compare with. It is the `mask` buffer of the model's state dict in vqgan.pt (uint8 [H, W],
+1 = keep, 0 = blank; absent when there is none, as in older files), and `encode` multiplies it into every frame:
+train_videogpt.py (whose videogpt.pt embeds vqgan.pt), eval.py and the agent's reward all tokenise frames with
+exactly the training mask. Pong: `--mask-top-rows 7` (the digits fill rows 0-6 of a 64x64 frame; the wall
+below them is static).
+
 Data: `<data-dir>/<task>/{train,test}/*.npz` (key `video`, uint8 [T,H,W,3]; made by
 collect_expert_videos.py) and `*.mp4` / `*.avi` files in the same folders, read with OpenCV.
 Frames are resized to `--image-size`. The test split is held out: PSNR and codebook usage are
@@ -87,6 +97,9 @@ class Args:
     """task folders of --data-dir to train on (default: every folder that has train/ or test/)"""
     image_size: int = 64
     """frames are resized to image-size x image-size"""
+    mask_top_rows: int = 0
+    """blank (set to black) the top N pixel rows of every frame before tokenising: Atari score digits (Pong: 7 at
+    64x64). The mask is stored in vqgan.pt, so the video model and the VIPER reward apply the same one; 0: no mask"""
     base_channels: int = 16
     """width of the first encoder level"""
     channel_mult: Tuple[int, ...] = (1, 2, 4, 4)
@@ -221,18 +234,38 @@ class Quantizer(nn.Module):
         return sim.argmax(-1)
 
 
+def pixel_mask(mask, image_size):
+    """None (no mask) or a [H, W] array of 0/1 (1 = keep the pixel, 0 = blank it) -> None or uint8 tensor [H, W]."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if mask.shape != (image_size, image_size) or not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"a pixel mask is [{image_size}, {image_size}] of 0/1, got {mask.dtype} {tuple(mask.shape)}")
+    return mask.to(torch.uint8)
+
+
+def apply_mask(frames, mask):
+    """uint8 frames [..., H, W, 3] with the masked pixels set to 0 (black); unchanged (the same tensor) for None."""
+    return frames if mask is None else frames * mask[..., None]
+
+
 class VQEncoder(nn.Module):
     """The tokenizer half of the VQ-GAN, all that turning frames into codes needs: frames -> encoder -> unit
     vectors z -> nearest codes. VQGAN (below in train_vqgan.py and train_videogpt.py) adds the decoder; the
-    attribute names are VQGAN's, so both load from the state dict in vqgan.pt."""
+    attribute names are VQGAN's, so both load from the state dict in vqgan.pt.
+
+    mask: an optional pixel mask ([H, W], 1 = keep, 0 = blank; e.g. the score digits of an Atari game) that
+    `encode` multiplies into every frame first. It is the buffer `mask` of the state dict, so vqgan.pt (and the
+    videogpt.pt that embeds it) carries it to every later stage; a model without a mask has no such entry."""
 
     def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                 codebook_size=256, embed_dim=64):
+                 codebook_size=256, embed_dim=64, mask=None):
         super().__init__()
         self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
         self.quantizer = Quantizer(codebook_size, embed_dim)
         self.image_size, self.codebook_size = image_size, codebook_size
         self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
+        self.register_buffer("mask", pixel_mask(mask, image_size))
 
     @torch.inference_mode()
     def encode(self, frames, chunk_size=256):
@@ -244,7 +277,8 @@ class VQEncoder(nn.Module):
         device = self.quantizer.codebook.weight.device
         codes = [torch.zeros(0, *self.token_hw, dtype=torch.long, device=device)]
         for i in range(0, len(frames), chunk_size):
-            x = frames[i:i + chunk_size].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            x = apply_mask(frames[i:i + chunk_size].to(device), self.mask)
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
             codes.append(self.quantizer(F.normalize(self.encoder(x), dim=1)))
         return torch.cat(codes)
 
@@ -260,7 +294,7 @@ def vq_config(ckpt):
 
 def load_vq_encoder(ckpt, device="cpu"):
     """Rebuild the VQEncoder (eval mode) of a vqgan.pt dict: its encoder and codebook weights, not the decoder's."""
-    model = VQEncoder(*vq_config(ckpt))
+    model = VQEncoder(*vq_config(ckpt), mask=ckpt["model"].get("mask"))  # checkpoints before masks have none
     model.load_state_dict({k: ckpt["model"][k] for k in model.state_dict()})
     return model.to(device).eval()
 # ==== END VQGAN_ENCODER ====
@@ -285,7 +319,7 @@ class VQGAN(VQEncoder):
     """The whole VQ-GAN: VQEncoder's frames -> codes, plus codes -> codebook vectors -> decoder -> frames."""
 
     def __init__(self, image_size=64, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
-                 codebook_size=256, embed_dim=64):
+                 codebook_size=256, embed_dim=64, mask=None):
         nn.Module.__init__(self)  # not VQEncoder.__init__: the decoder is made between the encoder and the
         # quantizer, the order that fixes a seed's initial weights and the parameter order of every checkpoint
         self.encoder = Encoder(base_channels, channel_mult, num_res_blocks, embed_dim)
@@ -293,6 +327,7 @@ class VQGAN(VQEncoder):
         self.quantizer = Quantizer(codebook_size, embed_dim)
         self.image_size, self.codebook_size = image_size, codebook_size
         self.token_hw = (image_size // 2 ** (len(channel_mult) - 1),) * 2
+        self.register_buffer("mask", pixel_mask(mask, image_size))
 
     def lookup(self, codes):  # long [B,h,w] -> unit codebook vectors [B,D,h,w]
         return F.normalize(self.quantizer.codebook(codes), dim=-1).permute(0, 3, 1, 2)
@@ -317,7 +352,7 @@ class VQGAN(VQEncoder):
 
 def load_vqgan(ckpt, device="cpu"):
     """Rebuild a trained VQGAN (eval mode) from the dict saved as vqgan.pt by train_vqgan.py."""
-    model = VQGAN(*vq_config(ckpt))
+    model = VQGAN(*vq_config(ckpt), mask=ckpt["model"].get("mask"))  # checkpoints before masks have none
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
 # ==== END VQGAN_DECODER ====
@@ -378,6 +413,15 @@ def check_finite(step: int, **values):
 
 
 # not train_videogpt.list_tasks on purpose: no class labels here, so --tasks keep their order (batches follow it)
+def top_rows_mask(image_size: int, rows: int):
+    """--mask-top-rows: None for 0 rows, else uint8 [H, W], 0 on the top `rows` rows (blanked), 1 below (kept)."""
+    if rows == 0:
+        return None
+    mask = torch.ones(image_size, image_size, dtype=torch.uint8)
+    mask[:rows] = 0
+    return mask
+
+
 def find_tasks(data_dir: str, tasks) -> list:
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"data dir {data_dir!r} does not exist")
@@ -519,6 +563,8 @@ def main(args: Args) -> dict:
            args.eval_frames, args.codebook_size) < 1:
         raise ValueError("--batch-size, --total-steps, --warmup-steps, --eval-every, --log-every, --eval-frames "
                          "and --codebook-size must be >= 1")
+    if not 0 <= args.mask_top_rows < args.image_size:
+        raise ValueError(f"--mask-top-rows must be in [0, {args.image_size}) (--image-size), got {args.mask_top_rows}")
     output_dir = args.output_dir or os.path.join("runs", f"vqgan__{args.seed}__{int(time.time())}")
     ckpt_path = os.path.join(output_dir, "checkpoint.pt")
     if args.resume and not os.path.exists(ckpt_path):
@@ -542,10 +588,14 @@ def main(args: Args) -> dict:
         test_frames, test_tasks = load_split(args.data_dir, tasks, "train", args.image_size)
     keep = np.linspace(0, len(test_frames) - 1, min(args.eval_frames, len(test_frames))).astype(int)
     test_frames, test_tasks = test_frames[keep], test_tasks[keep]
+    # the mask blanks the same pixels of the model's inputs and of its reconstruction targets (the frames
+    # themselves), and of the held-out frames that PSNR and the image grid compare with; VQGAN.encode applies it too
+    mask = top_rows_mask(args.image_size, args.mask_top_rows)
+    train_frames, test_frames = apply_mask(train_frames, mask), apply_mask(test_frames, mask)
 
     # ---- models and optimisers
     vqgan = VQGAN(args.image_size, args.base_channels, args.channel_mult, args.num_res_blocks,
-                  args.codebook_size, args.embed_dim).to(device)
+                  args.codebook_size, args.embed_dim, mask).to(device)
     disc = PatchDiscriminator(args.disc_channels).to(device)
     perceptual = VGGPerceptual(args.perceptual_weights).to(device) if args.perceptual_weights else None
     model = DDP(vqgan, device_ids=[device.index] if use_cuda else None) if distributed else vqgan
@@ -559,8 +609,11 @@ def main(args: Args) -> dict:
         changed = [f"--{k.replace('_', '-')} {ck['args'][k]} there, {getattr(args, k)} here" for k in
                    ("image_size", "base_channels", "channel_mult", "num_res_blocks", "codebook_size", "embed_dim",
                     "disc_channels") if ck["args"][k] != getattr(args, k)]
+        if ck["args"].get("mask_top_rows", 0) != args.mask_top_rows:  # runs from before masks have none
+            changed.append(f"--mask-top-rows {ck['args'].get('mask_top_rows', 0)} there, {args.mask_top_rows} here")
         if changed:
-            raise ValueError(f"--resume: {ckpt_path} has another architecture ({'; '.join(changed)}): resume with "
+            raise ValueError(f"--resume: {ckpt_path} has another architecture or mask ({'; '.join(changed)}): "
+                             f"resume with "
                              f"its flags, or choose another --output-dir for a new run")
         vqgan.load_state_dict(ck["model"])
         disc.load_state_dict(ck["disc"])
@@ -580,7 +633,8 @@ def main(args: Args) -> dict:
         n_params = sum(p.numel() for p in vqgan.parameters())
         print(f"tasks {tasks}: {len(train_frames)} train / {len(test_frames)} held-out frames; "
               f"VQGAN {n_params / 1e6:.2f}M params, tokens {vqgan.token_hw}, codebook {args.codebook_size}; "
-              f"{world} process(es) on {device}")
+              f"{world} process(es) on {device}" + (f"; top {args.mask_top_rows} pixel rows masked" if mask is not None
+                                                    else ""))
 
     def save(step):
         if rank != 0:

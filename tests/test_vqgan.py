@@ -252,3 +252,109 @@ def test_resume_with_another_architecture_names_the_flag(tmp_path):
     tv.main(vqgan_args(data, tmp_path / "run", total_steps=1))
     with pytest.raises(ValueError, match="--base-channels 8 there, 16 here"):
         tv.main(vqgan_args(data, tmp_path / "run", total_steps=2, resume=True, base_channels=16))
+    with pytest.raises(ValueError, match="--mask-top-rows 0 there, 7 here"):  # another mask: other frames
+        tv.main(vqgan_args(data, tmp_path / "run", total_steps=2, resume=True, mask_top_rows=7))
+    path = tmp_path / "run" / "checkpoint.pt"  # a run from before masks: no --mask-top-rows in its args
+    ck = torch.load(path, weights_only=False)
+    del ck["args"]["mask_top_rows"]
+    torch.save(ck, path)
+    assert tv.main(vqgan_args(data, tmp_path / "run", total_steps=2, resume=True))["step"] == 2
+
+
+# --- the pixel mask (--mask-top-rows): blanks the score digits of Atari frames before tokenising ----------
+def test_a_pixel_mask_blanks_its_pixels_before_encoding():
+    mask = tv.top_rows_mask(64, 7)
+    assert mask.dtype == torch.uint8 and (mask[:7] == 0).all() and (mask[7:] == 1).all()
+    assert tv.top_rows_mask(64, 0) is None
+    frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    other = frames.clone()
+    other[:, :7] = 255 - other[:, :7]  # differs only in the masked pixels
+    blanked = frames.clone()
+    blanked[:, :7] = 0
+    for cls in (tv.VQGAN, tv.VQEncoder):
+        torch.manual_seed(0)
+        plain = cls(64, 8, (1, 2, 2), 1, 16, 8).eval()
+        torch.manual_seed(0)
+        masked = cls(64, 8, (1, 2, 2), 1, 16, 8, mask=mask).eval()  # the mask draws no random numbers
+        assert not torch.equal(plain.encode(frames), plain.encode(other))  # without the mask those rows count
+        assert torch.equal(masked.encode(frames), masked.encode(other))
+        assert torch.equal(masked.encode(frames), plain.encode(blanked))  # masked pixels are set to 0
+        assert torch.equal(masked.state_dict()["mask"], mask) and "mask" not in plain.state_dict()
+    with pytest.raises(ValueError, match=r"pixel mask is \[64, 64\]"):
+        tv.VQEncoder(64, 8, (1, 2, 2), 1, 16, 8, mask=torch.ones(32, 32))
+    with pytest.raises(ValueError, match="of 0/1"):
+        tv.VQEncoder(64, 8, (1, 2, 2), 1, 16, 8, mask=torch.full((64, 64), 2))
+    with pytest.raises(ValueError, match="--mask-top-rows"):
+        tv.main(vqgan_args("unused", "unused", mask_top_rows=64))
+
+
+def _scribble_top_rows(src, dst, rows, seed=0):
+    """A copy of the dataset at src whose frames differ from the original only in their top rows (noise)."""
+    rng = np.random.default_rng(seed)
+    shutil.copytree(src, dst)
+    for path in sorted(dst.rglob("*.npz")):
+        with np.load(path) as f:
+            ep = dict(f)
+        ep["video"][:, :rows] = rng.integers(0, 256, ep["video"][:, :rows].shape, dtype=np.uint8)
+        np.savez_compressed(path, **ep)
+    return dst
+
+
+def test_training_with_a_mask_never_sees_the_masked_pixels_and_vqgan_pt_keeps_the_mask(tmp_path):
+    """Inputs, reconstruction targets, discriminator and held-out PSNR all see masked frames: two datasets that
+    differ only under the mask train identical models (GAN steps included); vqgan.pt carries the mask."""
+    data = make_dataset(tmp_path / "data")
+    other = _scribble_top_rows(data, tmp_path / "other", rows=7)
+    a = tv.main(vqgan_args(data, tmp_path / "a", mask_top_rows=7))
+    b = tv.main(vqgan_args(other, tmp_path / "b", mask_top_rows=7))
+    ca, cb = (torch.load(tmp_path / d / "vqgan.pt", weights_only=True) for d in "ab")
+    assert list(ca["model"]) == list(cb["model"])
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert a["psnr"] == b["psnr"]
+    assert torch.equal(ca["model"]["mask"], tv.top_rows_mask(64, 7)) and ca["args"]["mask_top_rows"] == 7
+    assert torch.equal(tv.load_vq_encoder(ca).mask, tv.top_rows_mask(64, 7))
+    tv.main(vqgan_args(data, tmp_path / "c"))  # the default: no mask, no mask entry
+    assert "mask" not in torch.load(tmp_path / "c" / "vqgan.pt", weights_only=True)["model"]
+
+
+def test_the_mask_travels_through_videogpt_pt_to_the_agent_and_eval(tmp_path):
+    """vqgan.pt -> train_videogpt.py -> videogpt.pt -> every loader of a reward model applies the training mask."""
+    import train_videogpt
+    import train_viper_dreamer
+
+    data = make_dataset(tmp_path / "data", T=10)
+    tv.main(vqgan_args(data, tmp_path / "vq", mask_top_rows=7))
+    train_videogpt.main(train_videogpt.Args(
+        vqgan=str(tmp_path / "vq" / "vqgan.pt"), data_dir=str(data), output_dir=str(tmp_path / "gpt"), seq_len=3,
+        width=32, num_layers=2, num_heads=4, mlp_dim=64, batch_size=4, total_steps=2, warmup_steps=1, eval_every=2,
+        eval_clips=4, sample_every=1000, cuda=False, threads=1))
+    ckpt = torch.load(tmp_path / "gpt" / "videogpt.pt", weights_only=True)
+    assert torch.equal(ckpt["vqgan"]["model"]["mask"], tv.top_rows_mask(64, 7))
+    video = torch.from_numpy(np.load(data / "task_a" / "test" / "000000.npz")["video"])[None]
+    other = video.clone()
+    other[..., :7, :, :] = 255 - other[..., :7, :, :]  # differs only under the mask
+    loaders = (train_videogpt.load_videogpt, train_videogpt.load_videogpt_with_decoder,  # eval.py uses these
+               train_viper_dreamer.load_videogpt)  # the agent's reward
+    for load in loaders:
+        rm = load(ckpt)
+        assert torch.equal(rm.vqgan.mask, tv.top_rows_mask(64, 7))
+        assert torch.equal(rm.compute_rewards(video), rm.compute_rewards(other))
+
+
+def test_a_checkpoint_from_before_masks_loads_unmasked():
+    """vqgan.pt files written before masks existed hold no `mask` entry: every loader reads them, without a mask."""
+    import train_videogpt
+    import train_viper_dreamer
+
+    torch.manual_seed(0)
+    model = tv.VQGAN(64, 8, (1, 2, 2), 1, 16, 8).eval()
+    old = {"kind": "vqgan", "args": {"base_channels": 8, "num_res_blocks": 1}, "model": model.state_dict(),
+           "image_size": 64, "token_hw": model.token_hw, "codebook_size": 16, "embed_dim": 8, "channel_mult": [1, 2, 2]}
+    frames = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    codes = model.encode(frames)
+    for script in (tv, train_videogpt, train_viper_dreamer):
+        encoder = script.load_vq_encoder(old)
+        assert encoder.mask is None and torch.equal(encoder.encode(frames), codes)
+    for script in (tv, train_videogpt):
+        assert script.load_vqgan(old).mask is None and torch.equal(script.load_vqgan(old).encode(frames), codes)
