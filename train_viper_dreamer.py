@@ -1004,6 +1004,7 @@ def evaluate(agent, env, episodes, seed):
 
 def main(args: Args):
     validate(args)
+    launch = launch_info()  # the command and commit that run.json records
     name = "viper" if args.reward == "viper" else "dreamer"
     out = args.output_dir or os.path.join("runs", f"{args.env_id}__{name}__{args.seed}__{int(time.time())}")
     files = run_files(out, args.resume)  # paths of agent.pt, replay.npz, ...; refuses to overwrite a run
@@ -1023,8 +1024,7 @@ def main(args: Args):
     labeler = StepRewards(args, reward_model)
     replay = Replay(args.replay_capacity, env.observation_space.shape, act_dim, labeler.fields)
     keep_freed_memory()  # after the replay's lazy allocation
-    # episode_returns: (VIPER return, task return) of the last CORR_EPISODES episodes, for their correlation
-    # wall_time_s: seconds of this run up to its last checkpoint, summed over resumes (run.json)
+    # episode_returns: (VIPER, task) returns of the last CORR_EPISODES episodes; wall_time_s: summed over resumes
     counters = dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[], wall_time_s=0.0)
     if args.resume:  # weights, optimisers, counters, RNG states and replay as they were at the checkpoint
         counters, rng = resume(files, args, agent, replay, device)
@@ -1079,11 +1079,11 @@ def main(args: Args):
                 bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"])
             if s % args.save_every == 0 or s == args.total_steps:
                 counters["wall_time_s"] = wall_before + time.time() - t_start
-                save_run(files, args, agent, replay, counters, act_dim, discrete)
+                save_run(files, args, agent, replay, counters, act_dim, discrete, launch)
     bar.close()
     if interrupted:
         counters["wall_time_s"] = wall_before + time.time() - t_start
-        save_run(files, args, agent, replay, counters, act_dim, discrete)
+        save_run(files, args, agent, replay, counters, act_dim, discrete, launch)
     log.writer.close()
     env.close()
     eval_env.close()
@@ -1220,11 +1220,11 @@ def check_finite(metrics, counters, ckpt_path):
             f"Try lower learning rates (--model-lr, --actor-lr, --critic-lr)")
 
 
-def save_run(files, args, agent, replay, counters, act_dim, discrete):
+def save_run(files, args, agent, replay, counters, act_dim, discrete, launch):
     if args.save_replay:  # the replay first: a kill between the two files leaves a replay newer than
         replay.save(files["replay.npz"], counters["step"])  # agent.pt, which --resume detects by its step
     save_checkpoint(files["agent.pt"], agent, counters, args, act_dim, discrete)
-    write_run_json(files["run.json"], args, counters)
+    write_run_json(files["run.json"], args, counters, launch)
 
 
 def optim_state(agent):
@@ -1434,20 +1434,26 @@ def save_checkpoint(path, agent, counters, args, act_dim, discrete):
     os.replace(tmp, path)
 
 
-def write_run_json(path, args, counters):
-    """run.json: what a results table needs (see README, Results). The command and commit are those that
-    started the run; a --resume adds its own to `resumed_with`. eval.py agent adds the final_return_* keys."""
-    info = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            info = json.load(f)
+def launch_info():
+    """(command, commit) of this process, for run.json; `main` reads it at start, before the code on disk can
+    change under a long run."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=here,
                                 capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    command = shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]])
+    return shlex.join(["python", os.path.basename(sys.argv[0]), *sys.argv[1:]]), commit
+
+
+def write_run_json(path, args, counters, launch):
+    """run.json: what a results table needs (see README, Results). The command and commit are those that
+    started the run; a --resume adds its own to `resumed_with`. eval.py agent adds the final_return_* keys."""
+    info = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            info = json.load(f)
+    command, commit = launch
     if "command" not in info:
         info.update(command=command, commit=commit)
     elif args.resume and (command, commit) not in [tuple(x) for x in info.get("resumed_with", [])]:
