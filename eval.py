@@ -4,6 +4,7 @@
     python eval.py agent   --checkpoint runs/agent/agent.pt --num-episodes 10
     python eval.py samples --reward-model runs/vgpt/videogpt.pt --data-dir data/experts
     python eval.py curves  --runs oracle=runs/oracle/eval.csv viper=runs/viper/eval.csv --reference oracle
+    python eval.py tokenizer --checkpoint runs/vqgan/vqgan.pt --data-dir data/experts
 
 `reward` scores expert (ε = 0) and ε-degraded episodes (collect_expert_videos.py --epsilon ε
 --prefix eps<ε>_ with the same --seed for every ε, so each ε replays the same starts and goals; ε = 1
@@ -14,7 +15,9 @@ return). It writes summary.json and PNG plots. `agent` runs a trained agent on i
 `samples` writes open-loop rollouts of the video model next to the real continuation as a GIF grid.
 `curves` draws the eval.csv learning curves of several agent runs in one PNG (with the random policy's
 return as a line) and prints them as a table, with each run's share of a reference run's return at the
-same env steps (VIPER vs the task oracle).
+same env steps (VIPER vs the task oracle). `tokenizer` reconstructs held-out episodes with a VQ-GAN and
+reports, beside whole-frame PSNR, how well it keeps the moving objects (on Pong the 1-2 pixel ball, which
+whole-frame PSNR barely notices), with zoomed crops of them.
 
 Like CleanRL's evals, this file imports the model code from the training scripts.
 """
@@ -167,6 +170,25 @@ class EpisodesArgs:
     """plot title"""
     output: str = "runs/eval_episodes/episodes.png"
     """PNG to write"""
+
+
+@dataclass
+class TokenizerArgs:
+    checkpoint: str
+    """vqgan.pt written by train_vqgan.py"""
+    data_dir: str = "data/experts"
+    """episodes: <data-dir>/<task>/<split>/*.npz (the tokenizer's held-out split by default)"""
+    tasks: Optional[list[str]] = None
+    """task folders to score (default: every folder of data-dir)"""
+    split: str = "test"
+    """which split of each task folder to reconstruct"""
+    min_brightness: float = 0.0
+    """count as moving-object pixels only those at least this bright in every channel (0-1): 0.5 picks Pong's
+    ball, the only bright moving thing there (white on brown); 0: every moving object (paddles, poles, arms)"""
+    output: str = "runs/eval_tokenizer/objects.png"
+    """PNG of crops around moving objects, originals above reconstructions (its folder also gets summary.json)"""
+    cuda: bool = True
+    """use CUDA when available"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -800,6 +822,95 @@ def eval_episodes(args: EpisodesArgs):
           f"{np.nanmean(ep['viper_return'][last]):.1f}, true return {np.mean(ep['return'][last]):.1f} -> {args.output}")
 
 
+# ---------------------------------------------------------------------------------------------
+# eval.py tokenizer: does the VQ-GAN keep the small moving things the reward depends on?
+# ---------------------------------------------------------------------------------------------
+def object_pixels(frames, min_brightness=0.0, tol=0.1):
+    """bool [T,H,W]: pixels of moving objects in an episode's frames (uint8 [T,H,W,3]): unlike the episode's
+    background (its median frame) and changed since the previous frame, i.e. where an object is now. The first
+    frame has none. PSNR over whole frames hides a lost 1-pixel ball; these pixels do not."""
+    x = frames.astype(np.float32) / 255
+    background = np.median(x, axis=0)
+    out = np.zeros(x.shape[:3], bool)
+    out[1:] = (np.abs(x[1:] - background).max(-1) > tol) & (np.abs(x[1:] - x[:-1]).max(-1) > tol)
+    return out & (x.min(-1) >= min_brightness)
+
+
+def object_crops(frames, recon, objects, n=8, size=16, zoom=4):
+    """uint8 image: n frames with objects, a size x size crop around each frame's object pixels, zoomed;
+    originals in the top row, reconstructions below."""
+    import cv2
+
+    idx = np.flatnonzero(objects.any((1, 2)))
+    idx = idx[np.linspace(0, len(idx) - 1, min(n, len(idx))).astype(int)]
+    rows = [[], []]
+    for t in idx:
+        ys, xs = np.nonzero(objects[t])
+        y0 = int(np.clip(ys.mean() - size / 2, 0, frames.shape[1] - size))
+        x0 = int(np.clip(xs.mean() - size / 2, 0, frames.shape[2] - size))
+        for row, video in zip(rows, (frames, recon)):
+            crop = video[t, y0:y0 + size, x0:x0 + size]
+            row.append(np.pad(cv2.resize(crop, None, fx=zoom, fy=zoom, interpolation=cv2.INTER_NEAREST),
+                              ((1, 1), (1, 1), (0, 0)), constant_values=255))
+    return np.concatenate([np.concatenate(r, 1) for r in rows], 0)
+
+
+def eval_tokenizer(args: TokenizerArgs):
+    import cv2
+    import torch
+
+    from train_vqgan import apply_mask, find_tasks, load_vqgan, read_video
+
+    device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
+    model = load_vqgan(load_checkpoint(args.checkpoint, "vqgan"), device)
+    try:
+        tasks = find_tasks(args.data_dir, args.tasks or [])
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    mask = None if model.mask is None else model.mask.cpu()
+    summary, crops = {}, []
+    for task in tasks:
+        paths = sorted(glob.glob(os.path.join(args.data_dir, task, args.split, "*.npz")))
+        if not paths:
+            sys.exit(f"error: no episodes in {os.path.join(args.data_dir, task, args.split)!r}")
+        sq_err, obj_err, obj_frames, lost = [], [], 0, 0
+        for path in paths:
+            # the masked frames: the pixels the model was trained to reconstruct
+            frames = apply_mask(torch.from_numpy(read_video(path, model.image_size)), mask).numpy()
+            recon = model.decode(model.encode(frames)).cpu().numpy()
+            err = np.abs(recon.astype(np.float32) - frames.astype(np.float32)) / 255
+            sq_err.append((err ** 2).mean((1, 2, 3)))
+            objects = object_pixels(frames, args.min_brightness)
+            per_frame = [err[t][objects[t]].max(-1) for t in np.flatnonzero(objects.any((1, 2)))]
+            obj_err += per_frame
+            obj_frames += len(per_frame)
+            lost += sum(bool((e > 0.2).all()) for e in per_frame)
+            if not crops and per_frame:
+                crops = [object_crops(frames, recon, objects)]
+        mse = np.concatenate(sq_err)
+        pix = np.concatenate(obj_err) if obj_err else np.zeros(0)
+        summary[task] = {
+            "episodes": len(paths), "frames": len(mse),
+            "psnr": float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-3 / 255 ** 2)))),
+            "object_frames": obj_frames, "object_pixels_per_frame": len(pix) / max(obj_frames, 1),
+            "object_psnr": float(10 * np.log10(1 / max(np.mean(pix ** 2), 1e-8))) if len(pix) else None,
+            "object_pixels_kept": float(np.mean(pix <= 0.2)) if len(pix) else None,
+            "object_frames_lost": lost / obj_frames if obj_frames else None}
+        s = summary[task]
+        print(f"{task}: {s['frames']} frames, PSNR {s['psnr']:.2f} dB; moving-object pixels (brightness >= "
+              f"{args.min_brightness}): {s['object_pixels_per_frame']:.1f} per frame in {obj_frames} frames, "
+              + (f"PSNR {s['object_psnr']:.2f} dB, {100 * s['object_pixels_kept']:.1f}% within 0.2 of the original, "
+                 f"object lost (every pixel off by > 0.2) in {100 * s['object_frames_lost']:.1f}% of frames"
+                 if obj_frames else "none found"))
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump({"checkpoint": args.checkpoint, "min_brightness": args.min_brightness, "tasks": summary}, f, indent=1)
+    if crops:
+        cv2.imwrite(args.output, cv2.cvtColor(crops[0], cv2.COLOR_RGB2BGR))
+        print(f"-> {args.output}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Union[
         Annotated[RewardArgs, tyro.conf.subcommand("reward")],
@@ -809,6 +920,8 @@ if __name__ == "__main__":
         Annotated[ReferenceArgs, tyro.conf.subcommand("reference")],
         Annotated[HeatmapArgs, tyro.conf.subcommand("heatmap")],
         Annotated[EpisodesArgs, tyro.conf.subcommand("episodes")],
+        Annotated[TokenizerArgs, tyro.conf.subcommand("tokenizer")],
     ])
     {RewardArgs: eval_reward, AgentArgs: eval_agent, SamplesArgs: eval_samples, CurvesArgs: eval_curves,
-     ReferenceArgs: eval_reference, HeatmapArgs: eval_heatmap, EpisodesArgs: eval_episodes}[type(args)](args)
+     ReferenceArgs: eval_reference, HeatmapArgs: eval_heatmap, EpisodesArgs: eval_episodes,
+     TokenizerArgs: eval_tokenizer}[type(args)](args)

@@ -1069,7 +1069,7 @@ def main(args: Args):
 
             s = counters["step"]
             if s % args.log_every == 0:
-                log.scalars(s, counters, metrics, replay, labeler.seconds, args)
+                log.scalars(s, counters, metrics, replay, labeler.seconds)
             if s % args.eval_every == 0 or s == args.total_steps:
                 returns, frames = evaluate(agent, eval_env, args.eval_episodes, seed=10_000)
                 grid = (open_loop(agent, replay.sample(4, args.batch_length, rng))  # [truth/model/error, n, T, ...]
@@ -1182,8 +1182,8 @@ class RunLog:
             if math.isfinite(corr):
                 w.add_scalar("charts/viper_task_return_corr", corr, s)
 
-    def scalars(self, s, counters, metrics, replay, reward_seconds, args):
-        t, step, updates, reward_s = self.last
+    def scalars(self, s, counters, metrics, replay, reward_seconds):
+        args, (t, step, updates, reward_s) = self.args, self.last
         dt, w = time.time() - t, self.writer
         w.add_scalar("charts/SPS", (s - step) / dt, s)
         w.add_scalar("charts/updates_per_second", (counters["updates"] - updates) / dt, s)

@@ -42,7 +42,7 @@ def help_defaults(*args):
     ("train_videogpt.py", "--seq-len"), ("train_viper_dreamer.py", "--reference-returns"),
     ("eval.py reward", "--degraded-dir"), ("eval.py reference", "--episodes"), ("eval.py heatmap", "--frames"),
     ("eval.py agent", "--sample"), ("eval.py episodes", "--smooth"), ("eval.py curves", "--reference"),
-    ("eval.py samples", "--context-frames"),
+    ("eval.py samples", "--context-frames"), ("eval.py tokenizer", "--min-brightness"),
 ])
 def test_help_lists_the_flags(script, flag):
     r = cli(*script.split(), "--help")
@@ -105,6 +105,7 @@ NONE_DEFAULTS = {
     "eval.py reward": {"--tasks", "--max-steps"}, "eval.py agent": set(), "eval.py reference": set(),
     "eval.py samples": {"--task", "--num-frames"}, "eval.py heatmap": set(), "eval.py episodes": {"--reference"},
     "eval.py curves": {"--reference", "--random-return", "--expert-return", "--target"},
+    "eval.py tokenizer": {"--tasks"},
 }
 
 
