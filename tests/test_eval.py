@@ -316,7 +316,7 @@ def test_tokenizer_eval_reports_a_lost_ball(tmp_path, monkeypatch, drop_ball):
     # the whole-frame PSNR stays high when only the ball is lost (4 of 4096 pixels): the reason for this check
     assert s["psnr"] > 25
     if drop_ball:
-        assert s["object_pixels_kept"] == 0.0 and s["object_frames_lost"] == 1.0
+        assert s["object_contrast_kept"] == 0.0 and s["object_frames_lost"] == 1.0
     else:
-        assert s["object_pixels_kept"] == 1.0 and s["object_frames_lost"] == 0.0
+        assert s["object_contrast_kept"] == 1.0 and s["object_frames_lost"] == 0.0 and s["object_psnr"] == 80
     assert (tmp_path / "out" / "objects.png").stat().st_size > 0
