@@ -4,7 +4,7 @@
     python eval.py agent   --checkpoint runs/agent/agent.pt --num-episodes 10
     python eval.py samples --reward-model runs/vgpt/videogpt.pt --data-dir data/experts
     python eval.py curves  --runs oracle=runs/oracle/eval.csv viper=runs/viper/eval.csv --reference oracle
-    python eval.py tokenizer --checkpoint runs/vqgan/vqgan.pt --data-dir data/experts
+    python eval.py tokenizer --checkpoints runs/vqgan/vqgan.pt --data-dir data/experts
 
 `reward` scores expert (ε = 0) and ε-degraded episodes (collect_expert_videos.py --epsilon ε
 --prefix eps<ε>_ with the same --seed for every ε, so each ε replays the same starts and goals; ε = 1
@@ -174,8 +174,8 @@ class EpisodesArgs:
 
 @dataclass
 class TokenizerArgs:
-    checkpoint: str
-    """vqgan.pt written by train_vqgan.py"""
+    checkpoints: list[str]
+    """vqgan.pt files written by train_vqgan.py: several are scored on the same episodes, side by side"""
     data_dir: str = "data/experts"
     """episodes: <data-dir>/<task>/<split>/*.npz (the tokenizer's held-out split by default)"""
     tasks: Optional[list[str]] = None
@@ -186,7 +186,8 @@ class TokenizerArgs:
     """count as moving-object pixels only those at least this bright in every channel (0-1): 0.5 picks Pong's
     ball, the only bright moving thing there (white on brown); 0: every moving object (paddles, poles, arms)"""
     output: str = "runs/eval_tokenizer/objects.png"
-    """PNG of crops around moving objects, originals above reconstructions (its folder also gets summary.json)"""
+    """PNG of crops around moving objects, the originals above each checkpoint's reconstructions (its folder also
+    gets summary.json)"""
     cuda: bool = True
     """use CUDA when available"""
 
@@ -855,62 +856,80 @@ def object_crops(frames, recon, objects, n=8, size=16, zoom=4):
     return np.concatenate([np.concatenate(r, 1) for r in rows], 0)
 
 
-def eval_tokenizer(args: TokenizerArgs):
-    import cv2
+def tokenizer_scores(model, paths, min_brightness):
+    """Reconstruct the episodes at `paths` -> (scores, crops of the first episode with moving objects or None).
+    Frames are masked first: the pixels the model was trained to reconstruct."""
     import torch
 
-    from train_vqgan import apply_mask, find_tasks, load_vqgan, read_video
+    from train_vqgan import apply_mask, read_video
 
-    device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
-    model = load_vqgan(load_checkpoint(args.checkpoint, "vqgan"), device)
-    try:
-        tasks = find_tasks(args.data_dir, args.tasks or [])
-    except FileNotFoundError as e:
-        sys.exit(f"error: {e}")
     mask = None if model.mask is None else model.mask.cpu()
-    summary, crops = {}, []
-    for task in tasks:
-        paths = sorted(glob.glob(os.path.join(args.data_dir, task, args.split, "*.npz")))
-        if not paths:
-            sys.exit(f"error: no episodes in {os.path.join(args.data_dir, task, args.split)!r}")
-        sq_err, obj_err, kept = [], [], []
-        for path in paths:
-            # the masked frames: the pixels the model was trained to reconstruct
-            frames = apply_mask(torch.from_numpy(read_video(path, model.image_size)), mask).numpy()
-            recon = model.decode(model.encode(frames)).cpu().numpy()
-            x, r = frames.astype(np.float32) / 255, recon.astype(np.float32) / 255
-            sq_err.append(((r - x) ** 2).mean((1, 2, 3)))
-            objects, background = object_pixels(frames, args.min_brightness), np.median(x, axis=0)
-            for t in np.flatnonzero(objects.any((1, 2))):
-                obj_err.append((r[t] - x[t])[objects[t]].ravel())
-                # the share of the object's contrast against the background that the reconstruction keeps, at
-                # its best pixel: 1 = drawn exactly, ~0.5 = a faint blur, <= 0 = background only (lost)
-                d, e = (x[t] - background)[objects[t]], (r[t] - background)[objects[t]]
-                kept.append(float(((d * e).sum(-1) / (d * d).sum(-1)).max()))
-            if not crops and kept:
-                crops = [object_crops(frames, recon, objects)]
-        mse, err, kept = np.concatenate(sq_err), np.concatenate(obj_err or [np.zeros(0)]), np.array(kept)
-        summary[task] = {
-            "episodes": len(paths), "frames": len(mse),
+    sq_err, obj_err, kept, crops = [], [], [], None
+    for path in paths:
+        frames = apply_mask(torch.from_numpy(read_video(path, model.image_size)), mask).numpy()
+        recon = model.decode(model.encode(frames)).cpu().numpy()
+        x, r = frames.astype(np.float32) / 255, recon.astype(np.float32) / 255
+        sq_err.append(((r - x) ** 2).mean((1, 2, 3)))
+        objects, background = object_pixels(frames, min_brightness), np.median(x, axis=0)
+        for t in np.flatnonzero(objects.any((1, 2))):
+            obj_err.append((r[t] - x[t])[objects[t]].ravel())
+            # the share of the object's contrast against the background that the reconstruction keeps, at its
+            # best pixel: 1 = drawn exactly, ~0.5 = a faint blur, <= 0 = background only (lost)
+            d, e = (x[t] - background)[objects[t]], (r[t] - background)[objects[t]]
+            kept.append(float(((d * e).sum(-1) / (d * d).sum(-1)).max()))
+        if crops is None and kept:
+            crops = object_crops(frames, recon, objects)
+    mse, err, kept = np.concatenate(sq_err), np.concatenate(obj_err or [np.zeros(0)]), np.array(kept)
+    return {"episodes": len(paths), "frames": len(mse),
             "psnr": float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-3 / 255 ** 2)))),
             "object_frames": len(kept), "object_pixels_per_frame": len(err) / 3 / max(len(kept), 1),
             "object_psnr": float(10 * np.log10(1 / max(np.mean(err ** 2), 1e-8))) if len(kept) else None,
             "object_contrast_kept": float(np.median(kept)) if len(kept) else None,
-            "object_frames_lost": float(np.mean(kept < 0.25)) if len(kept) else None}
-        s = summary[task]
-        print(f"{task}: {s['frames']} frames, PSNR {s['psnr']:.2f} dB; moving-object pixels (brightness >= "
-              f"{args.min_brightness}): {s['object_pixels_per_frame']:.1f} per frame in {len(kept)} frames, "
-              + (f"PSNR {s['object_psnr']:.2f} dB, contrast kept {s['object_contrast_kept']:.2f} (median), "
-                 f"object lost (< 0.25 of its contrast kept) in {100 * s['object_frames_lost']:.1f}% of frames"
-                 if len(kept) else "none found"))
+            "object_frames_lost": float(np.mean(kept < 0.25)) if len(kept) else None}, crops
+
+
+def eval_tokenizer(args: TokenizerArgs):
+    import cv2
+    import torch
+
+    from train_vqgan import find_tasks, load_vqgan
+
+    device = "cuda" if args.cuda and torch.cuda.is_available() else "cpu"
+    models = {path: load_vqgan(load_checkpoint(path, "vqgan"), device) for path in args.checkpoints}
+    try:
+        tasks = find_tasks(args.data_dir, args.tasks or [])
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
+    summary, rows = {path: {} for path in models}, []  # image rows: the originals, then one per checkpoint
+    for task in tasks:
+        paths = sorted(glob.glob(os.path.join(args.data_dir, task, args.split, "*.npz")))
+        if not paths:
+            sys.exit(f"error: no episodes in {os.path.join(args.data_dir, task, args.split)!r}")
+        for ckpt, model in models.items():
+            s, crops = tokenizer_scores(model, paths, args.min_brightness)
+            summary[ckpt][task] = s
+            print(f"{ckpt}, {task}: {s['frames']} frames, PSNR {s['psnr']:.2f} dB; moving-object pixels (brightness "
+                  f">= {args.min_brightness}): {s['object_pixels_per_frame']:.1f} per frame in {s['object_frames']} "
+                  "frames, " + (f"PSNR {s['object_psnr']:.2f} dB, contrast kept {s['object_contrast_kept']:.2f} "
+                                f"(median), object lost (< 0.25 of its contrast kept) in "
+                                f"{100 * s['object_frames_lost']:.1f}% of frames" if s["object_frames"] else "none found"))
+            if crops is not None and len(rows) < 1 + len(models):  # the first task with moving objects
+                half = len(crops) // 2
+                rows += [] if rows else [("original", crops[:half])]
+                rows.append((os.path.basename(os.path.dirname(os.path.abspath(ckpt))), crops[half:]))
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({"checkpoint": args.checkpoint, "min_brightness": args.min_brightness, "tasks": summary}, f, indent=1)
-    if crops:
-        cv2.imwrite(args.output, cv2.cvtColor(crops[0], cv2.COLOR_RGB2BGR))
-        print(f"-> {args.output}")
-
+        json.dump({"min_brightness": args.min_brightness, "checkpoints": summary}, f, indent=1)
+    if rows:  # one row per image, its name (the checkpoint's folder) in a label column on the left
+        width = max(len(name) for name, _ in rows) * 9 + 8
+        labelled = [np.concatenate([cv2.putText(np.full((img.shape[0], width, 3), 255, np.uint8), name,
+                                                (4, img.shape[0] // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                                                (0, 0, 0), 1, cv2.LINE_AA), img], 1) for name, img in rows]
+        if len({img.shape for img in labelled}) == 1:  # the same crops unless the checkpoints' masks differ
+            cv2.imwrite(args.output, cv2.cvtColor(np.concatenate(labelled, 0), cv2.COLOR_RGB2BGR))
+            print(f"-> {args.output}")
+    return summary
 
 if __name__ == "__main__":
     args = tyro.cli(Union[

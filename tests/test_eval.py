@@ -309,9 +309,10 @@ def test_tokenizer_eval_reports_a_lost_ball(tmp_path, monkeypatch, drop_ball):
     _write_episode(tmp_path / "data" / "atari_pong" / "test" / "000.npz", ball_video(), np.zeros(6, np.float32))
     torch.save({"kind": "vqgan"}, tmp_path / "vqgan.pt")
     monkeypatch.setattr(train_vqgan, "load_vqgan", lambda ckpt, device: _FakeTokenizer(drop_ball))
-    ev.eval_tokenizer(ev.TokenizerArgs(checkpoint=str(tmp_path / "vqgan.pt"), data_dir=str(tmp_path / "data"),
-                                       min_brightness=0.5, output=str(tmp_path / "out" / "objects.png"), cuda=False))
-    s = json.loads((tmp_path / "out" / "summary.json").read_text())["tasks"]["atari_pong"]
+    ckpt = str(tmp_path / "vqgan.pt")
+    ev.eval_tokenizer(ev.TokenizerArgs(checkpoints=[ckpt], data_dir=str(tmp_path / "data"), min_brightness=0.5,
+                                       output=str(tmp_path / "out" / "objects.png"), cuda=False))
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())["checkpoints"][ckpt]["atari_pong"]
     assert s["object_frames"] == 5 and s["object_pixels_per_frame"] == 4.0
     # the whole-frame PSNR stays high when only the ball is lost (4 of 4096 pixels): the reason for this check
     assert s["psnr"] > 25
