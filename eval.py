@@ -827,14 +827,15 @@ def eval_episodes(args: EpisodesArgs):
 # eval.py tokenizer: does the VQ-GAN keep the small moving things the reward depends on?
 # ---------------------------------------------------------------------------------------------
 def object_pixels(frames, min_brightness=0.0, tol=0.1):
-    """bool [T,H,W]: pixels of moving objects in an episode's frames (uint8 [T,H,W,3]): unlike the episode's
-    background (its median frame) and changed since the previous frame, i.e. where an object is now. The first
-    frame has none. PSNR over whole frames hides a lost 1-pixel ball; these pixels do not."""
+    """(bool [T,H,W], background float [H,W,3]): pixels of moving objects in an episode's frames (uint8
+    [T,H,W,3]): unlike the episode's background (its median frame, returned in [0, 1]) and changed since the
+    previous frame, i.e. where an object is now. The first frame has none. PSNR over whole frames hides a lost
+    1-pixel ball; these pixels do not."""
     x = frames.astype(np.float32) / 255
     background = np.median(x, axis=0)
     out = np.zeros(x.shape[:3], bool)
     out[1:] = (np.abs(x[1:] - background).max(-1) > tol) & (np.abs(x[1:] - x[:-1]).max(-1) > tol)
-    return out & (x.min(-1) >= min_brightness)
+    return out & (x.min(-1) >= min_brightness), background
 
 
 def object_crops(frames, recon, objects, n=8, size=16, zoom=4):
@@ -870,7 +871,7 @@ def tokenizer_scores(model, paths, min_brightness):
         recon = model.decode(model.encode(frames)).cpu().numpy()
         x, r = frames.astype(np.float32) / 255, recon.astype(np.float32) / 255
         sq_err.append(((r - x) ** 2).mean((1, 2, 3)))
-        objects, background = object_pixels(frames, min_brightness), np.median(x, axis=0)
+        objects, background = object_pixels(frames, min_brightness)  # the median frame, computed once
         for t in np.flatnonzero(objects.any((1, 2))):
             obj_err.append((r[t] - x[t])[objects[t]].ravel())
             # the share of the object's contrast against the background that the reconstruction keeps, at its

@@ -278,7 +278,8 @@ def ball_video(T=6):
 
 def test_object_pixels_find_the_ball_not_the_wall():
     video = ball_video()
-    objects = ev.object_pixels(video, min_brightness=0.5)
+    objects, background = ev.object_pixels(video, min_brightness=0.5)
+    assert (background * 255).round().astype(np.uint8)[30, 10].tolist() == [144, 72, 17]  # the field
     assert not objects[0].any()  # nothing has moved yet
     for t in range(1, len(video)):
         ys, xs = np.nonzero(objects[t])
