@@ -46,8 +46,8 @@ class RewardArgs:
     """degraded episodes: <degraded-dir>/<task>/*/eps<epsilon>_*.npz (epsilon = 1 is the random policy)"""
     tasks: Optional[list[str]] = None
     """tasks to score (default: every task folder of data-dir that the model knows)"""
-    mode: Literal["conditional", "joint"] = "conditional"
-    """reward mode: log p(x_t | window) (paper) or log p(window) (official code)"""
+    reward_mode: Literal["conditional", "joint"] = "conditional"
+    """log p(x_t | window) (paper) or log p(window) (official code), as the agent's --reward-mode"""
     max_steps: Optional[int] = None
     """score only the first N steps of each episode (faster; the true return is cut the same way)"""
     output_dir: str = "runs/eval_reward"
@@ -123,7 +123,7 @@ class ReferenceArgs:
     """videogpt.pt the agent will be (or was) trained with"""
     env_id: str = "dmc_cartpole_balance"
     """the agent's --env-id (also the task label of a class-conditional model)"""
-    mode: Literal["conditional", "joint"] = "conditional"
+    reward_mode: Literal["conditional", "joint"] = "conditional"
     """the agent's --reward-mode"""
     data_dir: str = "data/experts"
     """expert episodes: <data-dir>/<env-id>/test/*.npz"""
@@ -312,7 +312,7 @@ def eval_reward(args: RewardArgs):
     for task in tasks:  # fail before any scoring if the model does not know a task (lists the known ones)
         rm.labels(task)
     os.makedirs(args.output_dir, exist_ok=True)
-    summary, curves = {"reward_model": args.reward_model, "mode": args.mode, "tasks": {}}, {}
+    summary, curves = {"reward_model": args.reward_model, "mode": args.reward_mode, "tasks": {}}, {}
     for task in tasks:
         files = episode_files(args.data_dir, args.degraded_dir, task)
         if not files[0.0]:
@@ -323,7 +323,7 @@ def eval_reward(args: RewardArgs):
                 video, reward = load_episode(path)
                 if args.max_steps:
                     video, reward = video[: args.max_steps + 1], reward[: args.max_steps + 1]
-                r = rm.compute_rewards(torch.from_numpy(video)[None], task, args.mode)[0].numpy()
+                r = rm.compute_rewards(torch.from_numpy(video)[None], task, args.reward_mode)[0].numpy()
                 # step 0 is the reset frame: no action led to it, so it earns no reward
                 rows.append(dict(eps=eps, file=path, viper_return=float(r[1:].sum()),
                                  viper_mean=float(r[1:].mean()), true_return=float(reward.sum())))
@@ -641,14 +641,14 @@ def eval_reference(args: ReferenceArgs):
         rows = []
         for path in tqdm(paths, desc=name, leave=False):
             video, reward = load_episode(path)
-            rows.append((episode_viper_return(rm, video, args.env_id, args.mode), float(reward.sum()), len(video) - 1))
+            rows.append((episode_viper_return(rm, video, args.env_id, args.reward_mode), float(reward.sum()), len(video) - 1))
         behaviours[name] = rows
     env = cev.make_env(args.env_id, seed=args.seed)
     for name, policy in fixed_policies(env).items():
         rng, rows = np.random.default_rng(args.seed), []
         for i in tqdm(range(args.episodes), desc=name, leave=False):
             frames, ret = rollout(env, policy, rng, args.seed + i)
-            rows.append((episode_viper_return(rm, frames, args.env_id, args.mode), ret, len(frames) - 1))
+            rows.append((episode_viper_return(rm, frames, args.env_id, args.reward_mode), ret, len(frames) - 1))
         behaviours[name] = rows
     table = {}
     for name, rows in behaviours.items():
@@ -667,7 +667,7 @@ def eval_reference(args: ReferenceArgs):
             t[pos] = (t[key] - lo) / (hi - lo) if hi != lo else float("nan")
     broken = {k: t["viper_position"] for k, t in table.items() if k in fixed_policies(env) and k != "random actions"
               and t["viper_position"] >= 0.5 and t["viper_position"] - t["true_position"] > 0.25}
-    summary = {"reward_model": args.reward_model, "env_id": args.env_id, "mode": args.mode, "seed": args.seed,
+    summary = {"reward_model": args.reward_model, "env_id": args.env_id, "mode": args.reward_mode, "seed": args.seed,
                "behaviours": table, "shortcuts": broken,
                "spearman_viper_vs_true_return": spearman([t["viper_return_mean"] for t in table.values()],
                                                          [t["true_return_mean"] for t in table.values()])}
@@ -676,7 +676,7 @@ def eval_reference(args: ReferenceArgs):
     with open(os.path.join(args.output_dir, "reference.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_reference_csv(os.path.join(args.output_dir, "reference.csv"), table)
-    print(f"{args.env_id}, {args.mode} VIPER reward of {args.reward_model}:")
+    print(f"{args.env_id}, {args.reward_mode} VIPER reward of {args.reward_model}:")
     w = max(map(len, table))
     for k, t in table.items():
         print(f"  {k:<{w}}  VIPER return {t['viper_return_mean']:>10.1f} +- {t['viper_return_std']:<8.1f} "

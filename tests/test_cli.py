@@ -43,6 +43,9 @@ def help_defaults(*args):
     ("eval.py reward", "--degraded-dir"), ("eval.py reference", "--episodes"), ("eval.py heatmap", "--frames"),
     ("eval.py agent", "--sample"), ("eval.py episodes", "--smooth"), ("eval.py curves", "--reference"),
     ("eval.py samples", "--context-frames"), ("eval.py tokenizer", "--min-brightness"),
+    # one name per concept: the agent's --reward-mode is the same flag where eval.py scores its reward
+    ("train_viper_dreamer.py", "--reward-mode"), ("eval.py reward", "--reward-mode"),
+    ("eval.py reference", "--reward-mode"),
 ])
 def test_help_lists_the_flags(script, flag):
     r = cli(*script.split(), "--help")
