@@ -594,12 +594,43 @@ def rollout(env, policy, rng, seed):
     return np.stack(frames), ret
 
 
-def episode_viper_return(rm, frames, env_id, mode):
-    """VIPER return of an episode as the agent counts it: the rewards of every step after the reset frame,
-    summed. compute_rewards equals the agent's insert-time labeler step for step (StepRewards; tested)."""
+def episode_viper_rewards(rm, frames, env_id, mode):
+    """VIPER reward of every step after the reset frame, as the agent labels them (their sum is the episode's
+    VIPER return). compute_rewards equals the agent's insert-time labeler step for step (StepRewards; tested)."""
     import torch
 
-    return float(rm.compute_rewards(torch.from_numpy(np.ascontiguousarray(frames))[None], env_id, mode)[0, 1:].sum())
+    return rm.compute_rewards(torch.from_numpy(np.ascontiguousarray(frames))[None], env_id, mode)[0, 1:].numpy()
+
+
+def plot_reference_steps(steps, path, title, smooth=10):
+    """reference.png: each behaviour's VIPER reward per step along the episode (mean over its episodes, moving
+    average), on a symlog axis: where in an episode a behaviour earns or loses its return. A task-blind
+    behaviour that out-scores the expert's early steps (say, hanging still against swinging up) is a trap the
+    return table alone does not show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, sum(k.startswith("expert,") for k in steps)))
+    degraded = iter(colors)
+    style = {"random actions": dict(color="tab:red"), "zero actions": dict(color="black", ls="--"),
+             "constant +1": dict(color="tab:orange", ls=":"), "constant -1": dict(color="tab:brown", ls=":")}
+    for name, runs in steps.items():
+        n = min(map(len, runs))
+        y = np.mean([r[:n] for r in runs], 0)
+        k = min(smooth, n)
+        y = np.convolve(y, np.ones(k) / k, mode="valid")
+        kw = (dict(color="tab:green", lw=2.5) if name.startswith("expert (") else
+              dict(color=next(degraded), lw=1) if name.startswith("expert,") else style.get(name, {}))
+        ax.plot(np.arange(len(y)) + k, y, label=name, **kw)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set(xlabel="env step", ylabel=f"VIPER reward / step ({smooth}-step mean)", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def write_reference_csv(path, table):
@@ -636,19 +667,21 @@ def eval_reference(args: ReferenceArgs):
     if not recorded:
         sys.exit(f"error: no expert episodes in {os.path.join(args.data_dir, args.env_id, 'test')} "
                  f"nor degraded ones in {args.degraded_dir}: record some with collect_expert_videos.py")
-    behaviours = {}
+    behaviours, steps = {}, {}  # name -> [(VIPER return, true return, length)], name -> [per-step rewards]
     for name, paths in recorded.items():
-        rows = []
+        rows, steps[name] = [], []
         for path in tqdm(paths, desc=name, leave=False):
             video, reward = load_episode(path)
-            rows.append((episode_viper_return(rm, video, args.env_id, args.reward_mode), float(reward.sum()), len(video) - 1))
+            steps[name].append(episode_viper_rewards(rm, video, args.env_id, args.reward_mode))
+            rows.append((float(steps[name][-1].sum()), float(reward.sum()), len(video) - 1))
         behaviours[name] = rows
     env = cev.make_env(args.env_id, seed=args.seed)
     for name, policy in fixed_policies(env).items():
-        rng, rows = np.random.default_rng(args.seed), []
+        rng, rows, steps[name] = np.random.default_rng(args.seed), [], []
         for i in tqdm(range(args.episodes), desc=name, leave=False):
             frames, ret = rollout(env, policy, rng, args.seed + i)
-            rows.append((episode_viper_return(rm, frames, args.env_id, args.reward_mode), ret, len(frames) - 1))
+            steps[name].append(episode_viper_rewards(rm, frames, args.env_id, args.reward_mode))
+            rows.append((float(steps[name][-1].sum()), ret, len(frames) - 1))
         behaviours[name] = rows
     table = {}
     for name, rows in behaviours.items():
@@ -676,6 +709,8 @@ def eval_reference(args: ReferenceArgs):
     with open(os.path.join(args.output_dir, "reference.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_reference_csv(os.path.join(args.output_dir, "reference.csv"), table)
+    plot_reference_steps(steps, os.path.join(args.output_dir, "reference.png"),
+                         f"{args.env_id}: VIPER reward along the episode ({args.reward_mode})")
     print(f"{args.env_id}, {args.reward_mode} VIPER reward of {args.reward_model}:")
     w = max(map(len, table))
     for k, t in table.items():
@@ -687,7 +722,7 @@ def eval_reference(args: ReferenceArgs):
         print(f"WARNING: '{k}' gets {100 * v:.0f}% of the way from random actions to the expert by VIPER return "
               f"but {100 * table[k]['true_position']:.0f}% by true return: the agent can climb this reward without "
               f"doing the task; fix the video model before a long agent run")
-    print(f"-> {args.output_dir}/reference.json, reference.csv")
+    print(f"-> {args.output_dir}/reference.json, reference.csv, reference.png")
     return summary
 
 

@@ -205,6 +205,7 @@ def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
     with open(out / "reference.csv", newline="") as f:  # behaviour names with commas survive the csv
         rows = list(csv.DictReader(f))
     assert [r["behaviour"] for r in rows] == list(table) and float(rows[1]["true_return_mean"]) == 0.0
+    assert (out / "reference.png").stat().st_size > 0  # per-step rewards along the episode
     # the agent reads it back for its tensorboard lines, only for the task and mode it was scored for
     refs = td.load_references(viper_args(tmp_path, model, reference_returns=str(out / "reference.json")))
     assert refs["zero_actions"] == table["zero actions"]["viper_return_mean"] and len(refs) == 6
