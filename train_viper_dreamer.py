@@ -1681,11 +1681,18 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x, queries=None):
+        """x [B, S, C] -> [B, S, C]; with `queries`, only the last `queries` positions: [B, queries, C]
+        (each still attends to every position up to its own)."""
         B, S, C = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, S, C)))
+        p = self.dropout if self.training else 0.0
+        if queries is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, dropout_p=p)
+        else:  # is_causal would align the mask to the first key; query i is position S - queries + i
+            mask = torch.ones(queries, S, dtype=torch.bool, device=x.device).tril(S - queries)
+            y = F.scaled_dot_product_attention(q[:, :, S - queries:], k, v, attn_mask=mask, dropout_p=p)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, y.shape[2], C)))
 
 
 class Block(nn.Module):
@@ -1697,8 +1704,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(width, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, width), nn.Dropout(dropout))
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, queries=None):
+        x = (x if queries is None else x[:, x.shape[1] - queries:]) + self.attn(self.ln1(x), queries)
         return x + self.mlp(self.ln2(x))
 
 
@@ -1739,16 +1746,18 @@ class VideoGPT(nn.Module):
             raise ValueError("a class-conditional model needs labels; an unconditional one takes none")
         return 0 if labels is None else self.class_emb(labels.expand(batch))[:, None]
 
-    def forward(self, codes, labels=None):
-        """codes long [B, n, h, w] -> logits [B, n*h*w, vocab]; logits[:, i] predict flattened token i."""
+    def forward(self, codes, labels=None, queries=None):
+        """codes long [B, n, h, w] -> logits [B, n*h*w, vocab]; logits[:, i] predict flattened token i.
+        With `queries`, the logits of the last `queries` positions only: the last block and the output
+        layer run there alone (the earlier blocks still run everywhere: they give the last block its keys)."""
         B, n = codes.shape[:2]
         if n > self.seq_len or tuple(codes.shape[2:]) != self.token_hw:
             raise ValueError(f"codes {tuple(codes.shape)} do not fit [B, <={self.seq_len}, *{self.token_hw}]")
         tokens = codes.flatten(1)
         x = torch.cat([self.start.expand(B, 1, -1), self.tok_emb(tokens[:, :-1])], 1)
         x = self.drop(x + self.pos_emb()[:tokens.shape[1]] + self._check_labels(labels, B))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, queries if i == len(self.blocks) - 1 else None)
         return self.head(self.ln_f(x))
 
     def frame_log_probs(self, codes, labels=None):
@@ -1757,6 +1766,13 @@ class VideoGPT(nn.Module):
         logp = self(codes, labels).float().log_softmax(-1)
         logp = logp.gather(-1, codes.flatten(1)[..., None])[..., 0]
         return logp.view(B, n, -1).sum(-1)
+
+    def last_frame_log_prob(self, codes, labels=None):
+        """log p of the clip's last frame given the frames before it: [B], = frame_log_probs(...)[:, -1] with
+        the last block and the output layer run for that frame's tokens only (~20% of the FLOPs saved)."""
+        last = codes[:, -1].flatten(1)
+        logp = self(codes, labels, queries=last.shape[1]).float().log_softmax(-1)
+        return logp.gather(-1, last[..., None])[..., 0].sum(-1)
 
 
 class RewardModel:
@@ -1814,14 +1830,20 @@ class RewardModel:
         j = torch.arange(L, device=self.device)
         idx = t[:, None] - (n[:, None] - 1 - j) * k  # slot j of window t -> frame index
         idx = torch.where(j < n[:, None], idx, t[:, None])  # slots past the prefix: any frame (causal: ignored)
-        windows = torch.arange(B * len(t), device=self.device)  # window w: episode w // len(t), step t[w % len(t)]
-        per_pass = max(1, self.max_tokens // (L * codes[0, 0].numel()))
-        logp = torch.cat([self.model.frame_log_probs(codes[w[:, None] // len(t), idx[w % len(t)]], labels)
-                          for w in windows.split(per_pass)]).view(B, len(t), L)
-        if mode == "conditional":
-            r = logp.gather(-1, (n - 1).expand(B, -1)[..., None])[..., 0]
-        else:
-            r = (logp * (j < n[:, None])).sum(-1)
+
+        def score(rows, frames, fn):  # fn on the first `frames` slots of windows `rows` of every episode
+            windows = torch.arange(B * len(rows), device=self.device)  # w: episode w // len(rows), row w % len(rows)
+            per_pass = max(1, self.max_tokens // (frames * codes[0, 0].numel()))
+            return torch.cat([fn(codes[w[:, None] // len(rows), idx[rows[w % len(rows)], :frames]], labels)
+                              for w in windows.split(per_pass)]).view(B, len(rows), -1)
+
+        if mode == "joint":
+            r = (score(torch.arange(len(t), device=self.device), L, self.model.frame_log_probs) * (j < n[:, None])).sum(-1)
+        else:  # only the window's last frame is scored; the first steps' shorter windows go in groups by length
+            r = torch.empty(B, len(t), device=self.device)
+            for m in n.unique().tolist():
+                rows = (n == m).nonzero()[:, 0]
+                r[:, rows] = score(rows, m, self.model.last_frame_log_prob)[..., 0]
         return r.float().cpu()
 
     def compute_rewards(self, frames, task=None, mode="conditional", first_step=0):

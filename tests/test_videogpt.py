@@ -38,6 +38,18 @@ def test_causality():
     assert (a[:, p + 1:] - b[:, p + 1:]).abs().amax() > 1e-4
 
 
+def test_last_frame_only_equals_the_full_forward():
+    """The reward's shortcut: the last block and the output layer run for the scored frame's tokens only."""
+    m = tiny_model(4, num_classes=2).eval()
+    codes, labels = random_codes(3, 4, H, W), torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        full = m(codes, labels)
+        torch.testing.assert_close(m(codes, labels, queries=H * W), full[:, -H * W:], atol=1e-5, rtol=1e-5)
+        for n in (1, 2, 4):  # the first steps' windows hold fewer frames
+            torch.testing.assert_close(m.last_frame_log_prob(codes[:, :n], labels),
+                                       m.frame_log_probs(codes[:, :n], labels)[:, -1], atol=1e-4, rtol=1e-5)
+
+
 def naive_rewards(model, codes, label, seq_len, skip, mode):
     """One window at a time, built by hand from the definition."""
     B, T = codes.shape[:2]
