@@ -3,7 +3,7 @@
 Issue #13 asked for both: bf16 autocast where the CPU has native bf16 (AVX512-BF16 / AMX: bf16 matmuls
 ~2x fp32 on such hosts, ~70x slower on others), and compiling the sequential RSSM steps (obs_step and
 img_step, called 32 + 15 times per update). This script times, on one thread, one update of the oracle and
-of VIPER (density + disagreement) at a size, in three variants on the same batch, interleaved so that the
+of VIPER (density + disagreement, `--disagreement-scale 1`) at a size, in three variants on the same batch, interleaved so that the
 load of other jobs falls on all of them alike (medians of CPU seconds per update):
 
 - fp32: the training script as it is;
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_viper_dreamer as td  # noqa: E402
 
 BATCH = {"cpu": (4, 32), "S": (16, 64)}  # the CPU recipe's batch; the paper's for S
-VIPER = dict(reward="viper", reward_model="bench")  # the reward model is not used by an update
+VIPER = dict(reward="viper", reward_model="bench", disagreement_scale=1.0)  # the reward model is not used by an update
 
 
 def cpu_has_bf16():

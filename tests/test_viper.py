@@ -55,8 +55,10 @@ def test_task_reward_labeler_passes_the_env_reward_through():
 
 def test_reward_terms_heads_and_critics(videogpt_path, tmp_path):
     viper = viper_args(tmp_path, videogpt_path)
-    assert td.term_scales(viper) == {"density": 1.0, "disagreement": 1.0}  # official videogpt_prior_rb
+    assert td.term_scales(viper) == {"density": 1.0}  # Plan2Explore off by default (measured; README)
     assert list(td.Dreamer(viper, 1, False).heads) == ["density"]  # no task head: the env reward trains nothing
+    official = viper_args(tmp_path, videogpt_path, disagreement_scale=1.0)  # videogpt_prior_rb
+    assert td.term_scales(official) == {"density": 1.0, "disagreement": 1.0}
     mixed = viper_args(tmp_path, videogpt_path, task_scale=0.5, disagreement_scale=0.0)
     assert td.term_scales(mixed) == {"density": 1.0, "task": 0.5}
     agent = td.Dreamer(mixed, 1, False)
@@ -67,7 +69,7 @@ def test_reward_terms_heads_and_critics(videogpt_path, tmp_path):
     for bad, match in [(dict(density_scale=1.0, reward="task", reward_model=None), "--density-scale"),
                        (dict(disagreement_scale=-1.0), "--disagreement-scale"),
                        (dict(density_scale=0.0, disagreement_scale=0.0, task_scale=0.0), "all 0"),
-                       (dict(density_scale=0.0), "ignore it"),
+                       (dict(density_scale=0.0, disagreement_scale=1.0), "ignore it"),
                        (dict(reward_model=None), "--reward-model"),
                        (dict(reward="task"), "only used with --reward viper")]:
         with pytest.raises(ValueError, match=match):
@@ -89,7 +91,7 @@ def imagined(agent, N=6):
 
 def test_disagreement_reward_shape_and_zero_when_members_agree(videogpt_path, tmp_path):
     torch.manual_seed(0)
-    agent = td.Dreamer(viper_args(tmp_path, videogpt_path), 2, False)
+    agent = td.Dreamer(viper_args(tmp_path, videogpt_path, disagreement_scale=1.0), 2, False)
     s = td.SIZES["cpu"]
     assert len(agent.ensemble.members) == td.ENSEMBLE_MEMBERS == 8
     traj = imagined(agent)
@@ -128,7 +130,7 @@ def replay_batch(seed, B=2, T=10, A=1, poison=None, discrete=False):
 @pytest.mark.parametrize("A, discrete", [(1, False), (6, True)])  # DMC (backprop), Atari (REINFORCE)
 def test_ensemble_learns_from_replay_alone(videogpt_path, tmp_path, A, discrete):
     torch.manual_seed(0)
-    agent = td.Dreamer(viper_args(tmp_path, videogpt_path), A, discrete)
+    agent = td.Dreamer(viper_args(tmp_path, videogpt_path, disagreement_scale=1.0), A, discrete)
     batch = {k: torch.as_tensor(v) for k, v in replay_batch(0, A=A, discrete=discrete).items()}
     _, post, _ = agent.world_model_loss(batch)
     agent.ensemble_loss(post, batch).backward()
@@ -161,7 +163,9 @@ def test_env_reward_reaches_learning_only_through_its_scale(videogpt_path, tmp_p
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, videogpt_path):
     clean, poisoned = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("nan")
-    return dict(clean=(clean, *run_agent(clean, videogpt_path)), nan=(poisoned, *run_agent(poisoned, videogpt_path, poison=np.nan)))
+    # with the Plan2Explore term (--disagreement-scale 1, off by default): the runs cover the ensemble too
+    return dict(clean=(clean, *run_agent(clean, videogpt_path, disagreement_scale=1.0)),
+                nan=(poisoned, *run_agent(poisoned, videogpt_path, poison=np.nan, disagreement_scale=1.0)))
 
 
 def scalars(out, tag):
@@ -244,7 +248,8 @@ def test_resume_viper_run(runs, videogpt_path, tmp_path):
     for name in ("eval.csv", "episodes.csv"):  # rows of a stretch run past the checkpoint (killed before saving)
         with open(out / name, "a") as f:
             f.write("230,1.0,2.0,3\n" if name == "episodes.csv" else "230,1.0\n")
-    agent, counters, calls = run_agent(out, videogpt_path, resume=True, total_steps=232, eval_every=1000)
+    agent, counters, calls = run_agent(out, videogpt_path, resume=True, total_steps=232, eval_every=1000,
+                                       disagreement_scale=1.0)
     info = json.loads((out / "run.json").read_text())
     assert info["env_steps"] == 232 and info["wall_time_s"] > json.loads((src / "run.json").read_text())["wall_time_s"]
     for name in ("eval.csv", "episodes.csv"):  # are dropped, not doubled, when that stretch is run again
@@ -307,6 +312,7 @@ def test_run_saved_with_the_old_term_names_resumes_identically(runs, videogpt_pa
         arrays = {("reward" if k == "task" else k): f[k] for k in f.files}
     np.savez_compressed(old / "replay.npz", **arrays)
     assert td.args_from_checkpoint(a) == td.args_from_checkpoint(torch.load(new / "agent.pt", weights_only=False)["args"])
-    results = [run_agent(d, videogpt_path, resume=True, total_steps=232, eval_every=1000)[0] for d in (new, old)]
+    results = [run_agent(d, videogpt_path, resume=True, total_steps=232, eval_every=1000, disagreement_scale=1.0)[0]
+               for d in (new, old)]
     for k, v in results[0].state_dict().items():
         assert torch.equal(v, results[1].state_dict()[k]), k
