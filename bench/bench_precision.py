@@ -13,12 +13,13 @@ load of other jobs falls on all of them alike (medians of CPU seconds per update
 and, alone, the part bf16 helps most: the Plan2Explore ensemble's disagreement (forward and backward) over
 the imagined states of one update.
 
-    python bench/bench_precision.py            # size cpu (the recipe), ~3 min with the compile
-    python bench/bench_precision.py S --reps 2 # size S, ~3 min more per variant
+    python bench/bench_precision.py                 # size cpu (the recipe); the first compile takes ~1.5 min
+    python bench/bench_precision.py S --reps 2 --no-compile   # size S: an update takes 8-45 CPU s here
+    python bench/bench_precision.py --profile --no-compile    # also: where an fp32 oracle update spends its time
 
 Measured on an AMD EPYC with AVX512-BF16 (README, #13): at the recipe's size bf16 is slower than fp32
-(the convolutions have 8-64 channels and every layer adds casts) and compiling the RSSM steps saves ~4%;
-at size S bf16 is ~2x faster. The training script therefore stays fp32 on the CPU, with no compile.
+(the convolutions have 8-64 channels and every layer adds casts) and compiling the RSSM steps saves nothing
+measurable; at size S bf16 is ~2x faster. The training script therefore stays fp32 on the CPU, with no compile.
 """
 import argparse
 import os
@@ -64,6 +65,8 @@ def main():
     parser.add_argument("--reps", type=int, default=10, help="timed updates per variant")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (its compile "
                                                                    "takes 1-2 min per agent)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of 5 fp32 oracle "
+                                                                "updates: where the CPU time goes")
     a = parser.parse_args()
     torch.set_num_threads(1)
     B, L = BATCH.get(a.size, BATCH["S"])
@@ -101,6 +104,13 @@ def main():
             with torch.autocast("cpu", torch.bfloat16, enabled=variant == "bf16"):
                 agents[variant].train_step(batch)
 
+        if a.profile and name == "oracle":
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(5):
+                    agents["fp32"].train_step(batch)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         sec = median_cpu_seconds({v: (lambda v=v: update(v)) for v in agents}, a.reps)
         comp = sec.get("compiled", float("nan"))
         print(f"{name:<8} {sec['fp32']:>10.3f} {sec['bf16']:>10.3f} {sec['bf16'] / sec['fp32']:>9.2f} "
