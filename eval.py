@@ -326,7 +326,8 @@ def eval_reward(args: RewardArgs):
                 r = rm.compute_rewards(torch.from_numpy(video)[None], task, args.reward_mode)[0].numpy()
                 # step 0 is the reset frame: no action led to it, so it earns no reward
                 rows.append(dict(eps=eps, file=path, viper_return=float(r[1:].sum()),
-                                 viper_mean=float(r[1:].mean()), true_return=float(reward.sum())))
+                                 viper_mean=float(r[1:].mean()), true_return=float(reward.sum()),
+                                 steps=len(r) - 1))
                 curves.setdefault(task, {}).setdefault(eps, []).append(r[1:])
         by_eps = {e: float(np.mean([x["viper_mean"] for x in rows if x["eps"] == e])) for e in files}
         means = list(by_eps.values())
@@ -337,6 +338,10 @@ def eval_reward(args: RewardArgs):
             "monotonic_decrease": bool(all(a > b for a, b in zip(means, means[1:]))),
             "spearman_viper_vs_true_return": spearman([x["viper_return"] for x in rows],
                                                        [x["true_return"] for x in rows]),
+            # the same by reward per step: where episodes end early (Atari games), a sum of negative
+            # log-likelihoods is higher for a shorter episode, whoever played it
+            "spearman_viper_mean_vs_true_return": spearman([x["viper_mean"] for x in rows],
+                                                            [x["true_return"] for x in rows]),
             "auroc_expert_vs_random": auroc(expert, rand),
             "episodes": rows,
         }
@@ -344,6 +349,11 @@ def eval_reward(args: RewardArgs):
         print(f"{task}: mean reward by eps {({e: round(m, 2) for e, m in by_eps.items()})}, "
               f"monotonic {s['monotonic_decrease']}, spearman {s['spearman_viper_vs_true_return']:.3f}, "
               f"AUROC {s['auroc_expert_vs_random']:.3f}")
+        steps = [x["steps"] for x in rows]
+        if min(steps) != max(steps):
+            print(f"{task}: episodes last {min(steps)}-{max(steps)} steps, and every step's reward is a negative "
+                  f"log-likelihood, so a short episode's VIPER return is higher for its length alone; by reward "
+                  f"per step, spearman {s['spearman_viper_mean_vs_true_return']:.3f}")
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     plot_reward(summary, curves, args.output_dir)

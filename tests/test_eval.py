@@ -77,6 +77,10 @@ def test_eval_reward_writes_json_and_png(tmp_path):
     assert set(s["mean_viper_reward_by_epsilon"]) == {"0.0", "0.5", "1.0"}
     assert len(s["episodes"]) == 6 and 0.0 <= s["auroc_expert_vs_random"] <= 1.0
     assert {x["true_return"] for x in s["episodes"]} == {18.0, 4.5, 0.0}
+    assert {x["steps"] for x in s["episodes"]} == {8}  # the reset frame earns no reward
+    means = [x["viper_mean"] for x in s["episodes"]]
+    assert s["spearman_viper_mean_vs_true_return"] == pytest.approx(
+        ev.spearman(means, [x["true_return"] for x in s["episodes"]]))
     assert (out / "summary.json").exists() and (out / "reward_diagnostics.png").stat().st_size > 1000
     # a task the class-conditional model does not know is reported, not silently scored
     with pytest.raises(ValueError, match="known tasks"):
