@@ -11,7 +11,8 @@ The algorithm, top to bottom:
      conditional (paper formula, default):  r_t = log p(x_t | x_{t-(L-1)k}, ..., x_{t-k})
      joint (official code's default):       r_t = log p(x_{t-(L-1)k}, ..., x_t)
    summed over the frame's codes, <= 0 (0 = as expert-like as it gets). Episode starts use the available
-   prefix, so the reset frame gets log p(x_0). Stored as replay field `density`, never recomputed.
+   prefix, so the reset frame gets log p(x_0). Stored as replay field `density`, never recomputed;
+   `--density-bounds LO HI` stores clip((r_t - LO) / (HI - LO), 0, 1) instead (the official optional rescale).
 2. World model on replayed chunks: CNN encoder -> RSSM (GRU state h, 16|32 categoricals z with 1% unimix,
    straight-through samples) -> heads on [h, z]: decoder (MSE), `density` and (with a task reward) `task`
    as twohot over 255 symlog bins, continue flag; KL balancing 0.5 / 0.1 with 1 free nat.
@@ -74,7 +75,7 @@ import zipfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -98,6 +99,13 @@ class Args:
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """VIPER reward of step t: `conditional` = log p(x_t | earlier frames of its window) (paper formula);
     `joint` = log p(whole window ending at t) (official code's default)"""
+    density_bounds: Annotated[Optional[Tuple[float, float]], tyro.conf.arg(
+        metavar="LO HI", help_behavior_hint="(default: off, the reward is the log-likelihood itself)")] = None
+    """rescale each step's density reward to clip((r - LO) / (HI - LO), 0, 1), LO HI in nats per step (the
+    official reward model's optional `reward_scale`, unused in its configs), e.g. the random policy's and the
+    expert's VIPER reward per step from `eval.py reference`. Log-likelihoods are <= 0, so where an episode
+    can end early (an Atari game lost fast) their sum pays for ending it; rescaled, every step earns >= 0.
+    Logged VIPER returns stay in nats"""
     allow_new_task: bool = False
     """score --env-id with a video model whose recorded training tasks do not include it (off: an error)"""
     reference_returns: Annotated[Optional[str], tyro.conf.arg(metavar="PATH", help_behavior_hint="(optional)")] = None
@@ -679,7 +687,8 @@ class StepRewards:
     """
 
     def __init__(self, args, reward_model=None):
-        self.env_id, self.mode, self.rm = args.env_id, args.reward_mode, reward_model
+        self.env_id, self.mode, self.rm, self.bounds = args.env_id, args.reward_mode, reward_model, args.density_bounds
+        self.log_p = 0.0  # the last scored frame's log-likelihood in nats, before --density-bounds (for logs)
         self.fields = ("task",) if reward_model is None else ("task", "density")
         self.keep = None if reward_model is None else (reward_model.seq_len - 1) * reward_model.frame_skip + 1
         self.codes = None  # the current episode's last `keep` codes [n, h, w]
@@ -691,7 +700,11 @@ class StepRewards:
         self.codes = code if self.codes is None else torch.cat([self.codes, code])[-self.keep:]
         r = self.rm.rewards_from_codes(self.codes[None], self.env_id, self.mode, first_step=len(self.codes) - 1)
         self.seconds += time.perf_counter() - t0
-        return float(r[0, 0])
+        self.log_p = float(r[0, 0])
+        if self.bounds is None:
+            return self.log_p
+        lo, hi = self.bounds
+        return min(max((self.log_p - lo) / (hi - lo), 0.0), 1.0)
 
     def reset(self, frame):
         """A new episode starts with this (reset) frame; returns the fields of that first step."""
@@ -1054,7 +1067,7 @@ def main(args: Args):
             labels = labeler(obs, r)  # the step's rewards, computed once, here
             replay.add(image=obs, action=action, is_first=False, is_terminal=terminated, **labels)
             counters["step"] += 1
-            ep_ret, ep_viper, ep_len = ep_ret + r, ep_viper + labels.get("density", 0.0), ep_len + 1
+            ep_ret, ep_viper, ep_len = ep_ret + r, ep_viper + labeler.log_p, ep_len + 1
             bar.update(1)
             if terminated or truncated:
                 counters["episodes"] += 1
@@ -1347,6 +1360,13 @@ def validate(args):
         raise ValueError("--reward viper needs --reward-model PATH (videogpt.pt written by train_videogpt.py)")
     if args.reward == "task" and args.reward_model:
         raise ValueError("--reward-model is only used with --reward viper")
+    if args.density_bounds is not None:
+        if args.reward != "viper":
+            raise ValueError("--density-bounds rescales the video model's reward: it needs --reward viper")
+        lo, hi = args.density_bounds
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"--density-bounds LO HI needs finite LO < HI (nats per step, e.g. the random "
+                             f"policy's and the expert's reward per step from eval.py reference), got {lo} {hi}")
     if args.reward == "task" and args.reference_returns:
         raise ValueError("--reference-returns is only used with --reward viper")
     for flag in REWARD_TERMS.values():

@@ -47,6 +47,27 @@ def test_insert_time_rewards_equal_compute_rewards(tmp_path, mode, skip):
     assert r0 < 0 and r0 == pytest.approx(float(ref.compute_rewards(video[:1][None], TASK, "joint")[0, 0]), abs=1e-4)
 
 
+def test_density_bounds_rescale_the_stored_reward_not_the_logged_one(videogpt_path, tmp_path):
+    rm = td.load_videogpt(torch.load(videogpt_path, weights_only=False), "cpu")
+    video = frames(6, 3)
+    raw = td.StepRewards(viper_args(tmp_path, videogpt_path), rm)
+    got_raw = [raw.reset(video[0])["density"]] + [raw(f, 0.0)["density"] for f in video[1:]]
+    span = float(np.max(got_raw) - np.min(got_raw))
+    lo, hi = float(np.min(got_raw)) + span / 4, float(np.max(got_raw)) - span / 4  # both clips are exercised
+    scaled = td.StepRewards(viper_args(tmp_path, videogpt_path, density_bounds=(lo, hi)), rm)
+    got, logged = [scaled.reset(video[0])["density"]], [scaled.log_p]
+    for f in video[1:]:
+        got.append(scaled(f, 0.0)["density"])
+        logged.append(scaled.log_p)
+    assert logged == pytest.approx(got_raw)  # logs (episodes.csv, reference lines) stay in nats
+    assert got == pytest.approx(np.clip((np.array(got_raw) - lo) / (hi - lo), 0, 1))
+    assert min(got) == 0.0 and max(got) == 1.0
+    for bounds, reward, model in [((-4.0, -50.0), "viper", videogpt_path), ((-50.0, float("nan")), "viper",
+                                   videogpt_path), ((-50.0, -4.0), "task", None)]:
+        with pytest.raises(ValueError, match="density-bounds"):
+            td.validate(viper_args(tmp_path, model, density_bounds=bounds, reward=reward))
+
+
 def test_task_reward_labeler_passes_the_env_reward_through():
     labeler = td.StepRewards(td.Args())
     assert labeler.fields == ("task",)
