@@ -168,8 +168,8 @@ class Args:
     cuda: bool = True
     """use CUDA when available (bf16 autocast there); CPU otherwise"""
     threads: int = 1
-    """torch CPU threads (1 is fastest on cores shared with other processes: 2 threads then wait on each
-    other at every op, up to 10x slower)"""
+    """torch CPU threads: 2 make an update 1.42x faster on an idle 2-core CPU (bench/bench_threads.py); 1 when
+    the cores run other jobs too (two runs on 1 thread each do 1.36x the work of one run on 2)"""
 
 
 # Model sizes: GRU units, dense units, CNN multiplier, MLP layers, latents, classes per latent.
