@@ -91,6 +91,19 @@ def bench_reward_model():
     return td.RewardModel(model, vqgan, 4, 1, {ENV_ID: 0})
 
 
+def random_replay(rng, act_dim, steps, density=True):
+    """A replay of `steps` random frames, actions and rewards in 500-step episodes (an update's speed does not
+    depend on content); with `density`, VIPER's reward field too. Shared by the bench scripts."""
+    replay = td.Replay(2000, (64, 64, 3), act_dim, ["task", "density"] if density else ["task"])
+    for t in range(steps):
+        step = dict(image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, act_dim),
+                    task=float(rng.random()))
+        if density:
+            step["density"] = -float(rng.random())
+        replay.add(**step, is_first=t % 500 == 0, is_terminal=False)
+    return replay
+
+
 def timed(fn, n):
     fn()  # warm-up
     w, c = time.perf_counter(), time.process_time()
@@ -107,11 +120,7 @@ def main():
     rng = np.random.default_rng(0)
     env = td.make_env(ENV_ID, 0)
     act_dim, discrete = td.action_spec(env)
-    replay = td.Replay(2000, (64, 64, 3), act_dim, ["task", "density"])
-    for t in range(1000):
-        replay.add(image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, act_dim),
-                   task=float(rng.random()), density=-float(rng.random()), is_first=t % 500 == 0,
-                   is_terminal=False)
+    replay = random_replay(rng, act_dim, 1000)
     # VIPER's reward scoring per env step (encode the new frame, score its window), as the agent does it
     labeler = td.StepRewards(td.Args(env_id=ENV_ID, **{**td.preset(reward="viper"), **VIPER}), bench_reward_model())
     frames = rng.integers(0, 256, (60, 64, 64, 3), dtype=np.uint8)

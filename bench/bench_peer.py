@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_viper_dreamer as td  # noqa: E402
+from bench_dreamer import random_replay  # noqa: E402
 
 BATCH = {"cpu": (4, 32), "S": (16, 64)}  # our CPU recipe's batch; the paper's for S
 ACT_DIM = 1  # continuous actions of dmc_cartpole_balance (our recipe's task)
@@ -101,10 +102,7 @@ def timed(fn):
 def bench(size, reps, peer_dir, dreamer, rng):
     B, L = BATCH[size]
     act_dim, discrete = ACT_DIM, False
-    replay = td.Replay(2000, (64, 64, 3), act_dim, ["task"])  # the env reward: ours calls it `task`
-    for t in range(1000):
-        replay.add(image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, act_dim),
-                   task=float(rng.random()), is_first=t % 500 == 0, is_terminal=False)
+    replay = random_replay(rng, act_dim, 1000, density=False)  # the env reward: ours calls it `task`
     torch.manual_seed(0)
     ours = td.Dreamer(td.Args(**td.preset(size)), act_dim, discrete)
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # the peer prints its shapes and optimiser sizes

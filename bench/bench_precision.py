@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_viper_dreamer as td  # noqa: E402
+from bench_dreamer import random_replay  # noqa: E402
 
 BATCH = {"cpu": (4, 32), "S": (16, 64)}  # the CPU recipe's batch; the paper's for S
 VIPER = dict(reward="viper", reward_model="bench", disagreement_scale=1.0)  # the reward model is not used by an update
@@ -76,11 +77,7 @@ def main():
     rng = np.random.default_rng(0)
     env = td.make_env("dmc_cartpole_balance", 0)
     act_dim, discrete = td.action_spec(env)
-    replay = td.Replay(2000, (64, 64, 3), act_dim, ["task", "density"])
-    for t in range(max(600, 2 * L)):
-        replay.add(image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, act_dim),
-                   task=float(rng.random()), density=-float(rng.random()), is_first=t % 500 == 0,
-                   is_terminal=False)
+    replay = random_replay(rng, act_dim, max(600, 2 * L))
     batch = replay.sample(B, L, rng)
     header = f"{'agent':<8} {'fp32 CPU s':>10} {'bf16 CPU s':>10} {'bf16/fp32':>9} {'compiled':>9} {'comp/fp32':>9} {'compile s':>9}"
     print(header + "\n" + "-" * len(header))

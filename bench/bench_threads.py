@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_viper_dreamer as td  # noqa: E402
+from bench_dreamer import random_replay  # noqa: E402
 
 ENV_ID, B, L = "dmc_cartpole_balance", 4, 32
 UPDATES, STEPS = 100, 500  # timed per run
@@ -35,10 +36,7 @@ def measure(threads, updates, steps, start=None):
     rng = np.random.default_rng(0)
     env = td.make_env(ENV_ID, 0)
     act_dim, discrete = td.action_spec(env)
-    replay = td.Replay(2000, (64, 64, 3), act_dim, ["task"])
-    for t in range(600):
-        replay.add(image=rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), action=rng.uniform(-1, 1, act_dim),
-                   task=float(rng.random()), is_first=t % 500 == 0, is_terminal=False)
+    replay = random_replay(rng, act_dim, 600, density=False)
     torch.manual_seed(0)
     agent = td.Dreamer(td.Args(**td.preset("cpu", "task")), act_dim, discrete)
     batches = [replay.sample(B, L, rng) for _ in range(4)]
@@ -63,27 +61,29 @@ def worker(threads, updates, steps, start, out):
 
 
 def main():
-    updates, steps = UPDATES, STEPS
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, load average before {os.getloadavg()[0]:.1f}; "
-          f"oracle update at size cpu, batch {B}x{L}; {updates} updates and {steps} env steps per run\n")
+          f"oracle update at size cpu, batch {B}x{L}; {UPDATES} updates and {STEPS} env steps per run\n")
     header = f"{'setup':<28} {'ms/update':>9} {'ms/env step':>11} {'updates/s, all runs':>19}"
     print(header + "\n" + "-" * len(header))
-    rows = {}
+    rows = {}  # setup: (ms per update, ms per env step, updates/s over all its runs)
+
+    def row(name, upd, step, rate):
+        rows[name] = (upd, step, rate)
+        print(f"{name:<28} {upd:>9.1f} {step:>11.2f} {rate:>19.2f}", flush=True)
+
     for name, threads in (("one run, 1 thread", 1), ("one run, 2 threads", 2)):
-        upd, step = measure(threads, updates, steps)
-        rows[name] = (upd, step, 1000 / upd)
-        print(f"{name:<28} {upd:>9.1f} {step:>11.2f} {1000 / upd:>19.2f}", flush=True)
+        upd, step = measure(threads, UPDATES, STEPS)
+        row(name, upd, step, 1000 / upd)
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(1, updates, steps, start, out)) for _ in range(2)]
+    procs = [ctx.Process(target=worker, args=(1, UPDATES, STEPS, start, out)) for _ in range(2)]
     for p in procs:
         p.start()
     results = [out.get() for _ in procs]
     for p in procs:
         p.join()
-    upd, step = (float(np.mean([r[i] for r in results])) for i in range(2))
-    rows["two runs, 1 thread each"] = (upd, step, sum(1000 / r[0] for r in results))
-    print(f"{'two runs, 1 thread each':<28} {upd:>9.1f} {step:>11.2f} {rows['two runs, 1 thread each'][2]:>19.2f}")
+    row("two runs, 1 thread each", *(float(np.mean([r[i] for r in results])) for i in range(2)),
+        sum(1000 / r[0] for r in results))
     one, two, pair = rows["one run, 1 thread"], rows["one run, 2 threads"], rows["two runs, 1 thread each"]
     print(f"\n2 threads speed one run's update up {one[0] / two[0]:.2f}x; two 1-thread runs do "
           f"{pair[2] / two[2]:.2f}x the updates per second of one 2-thread run "
