@@ -40,7 +40,9 @@ Deliberate deviations from the paper and the official code:
   * VIPER: no step is dropped at episode starts (official: the first 15), step 0 is scored; no task head
     at all with --task-scale 0 (official: trained outside the gradients, for logs); disagreement
     from (h_t, z_t, a_t) -> z_{t+1} (Plan2Explore's definition; DreamerV3's code uses the arrival state);
-    pairs across an episode start left out of the ensemble loss; --reward-mode defaults to conditional.
+    pairs across an episode start left out of the ensemble loss; the ensemble sees imagined actions bounded
+    to [-1, 1] as the GRU does (official: raw samples, though trained on env-clipped actions);
+    --reward-mode defaults to conditional.
   * VIPER: the Plan2Explore term is off by default (official: weight 1). Measured on dmc_cartpole_balance,
     CPU recipe, seed 0, 100k steps: with weight 1 the agent's VIPER return stalled and its final 20-episode
     return was 399.2; with weight 0 it reached 923.6 (README, Results), and each update costs ~40% less
@@ -523,6 +525,12 @@ class ConvDecoder(nn.Module):
         return (self.net(x) + 0.5).reshape(*feat.shape[:-1], 3, 64, 64)
 
 
+def bound_action(action):
+    """a / max(1, |a|) per dim, the scale detached (DreamerV3): sampled imagined actions can leave [-1, 1],
+    the env clips them, so every model that takes an action (the GRU, the ensemble) sees them in [-1, 1]."""
+    return action * (1.0 / torch.clamp(action.abs(), min=1.0)).detach()
+
+
 class RSSM(nn.Module):
     """Recurrent state-space model. A latent state is a dict: deter [B, D], logits/stoch [B, S, C]."""
 
@@ -558,8 +566,7 @@ class RSSM(nn.Module):
 
     def gru_step(self, prev, action):
         """h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}]): LayerNorm'd gates, update gate biased towards keeping h."""
-        action = action * (1.0 / torch.clamp(action.abs(), min=1.0)).detach()  # keep actions in [-1, 1]
-        x = self.img_in(torch.cat([prev["stoch"].flatten(-2), action], -1))
+        x = self.img_in(torch.cat([prev["stoch"].flatten(-2), bound_action(action)], -1))
         reset, cand, update = self.gru(torch.cat([x, prev["deter"]], -1)).chunk(3, -1)
         reset, update = torch.sigmoid(reset), torch.sigmoid(update - 1.0)
         return update * torch.tanh(reset * cand) + (1.0 - update) * prev["deter"]
@@ -858,7 +865,10 @@ class Dreamer(nn.Module):
         """
         rewards = {k: self.heads[k](traj["feat"][1:]).mean for k in self.scales if k in self.heads}
         if "disagreement" in self.scales:
-            rewards["disagreement"] = self.ensemble.disagreement(torch.cat([traj["feat"][:-1], traj["action"]], -1))
+            # bounded like the GRU's input: the ensemble was trained on env-clipped actions, so raw |a| > 1
+            # would be novelty by construction and the actor would be paid for out-of-range actions
+            rewards["disagreement"] = self.ensemble.disagreement(
+                torch.cat([traj["feat"][:-1], bound_action(traj["action"])], -1))
         return rewards
 
     def ensemble_loss(self, post, batch):

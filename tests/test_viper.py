@@ -118,7 +118,7 @@ def test_disagreement_reward_shape_and_zero_when_members_agree(videogpt_path, tm
     traj = imagined(agent)
     with torch.no_grad():
         rewards = agent.imagined_rewards(traj)
-        inp = torch.cat([traj["feat"][:-1], traj["action"]], -1)
+        inp = torch.cat([traj["feat"][:-1], td.bound_action(traj["action"])], -1)
         preds = agent.ensemble(inp)
     assert set(rewards) == {"density", "disagreement"}
     assert rewards["disagreement"].shape == rewards["density"].shape == (td.IMAG_HORIZON, 6)
@@ -135,6 +135,26 @@ def test_disagreement_reward_shape_and_zero_when_members_agree(videogpt_path, tm
     x = inp.clone().requires_grad_(True)
     agent.ensemble.disagreement(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_ensemble_sees_imagined_actions_bounded_like_the_gru(videogpt_path, tmp_path):
+    """The ensemble is trained on env-clipped actions; an imagined action past [-1, 1] must score the
+    disagreement of its bounded value a / max(1, |a|), or the actor is paid for out-of-range actions."""
+    torch.manual_seed(0)
+    agent = td.Dreamer(viper_args(tmp_path, videogpt_path, disagreement_scale=1.0), 2, False)
+    traj = imagined(agent)
+    a = torch.linspace(-1.0, 1.0, traj["action"].numel()).reshape(traj["action"].shape)
+    a[..., 0] = torch.where(a[..., 0].abs() > 0.5, a[..., 0].sign(), a[..., 0])  # some actions exactly at +-1
+    inside, outside = dict(traj, action=a), dict(traj, action=torch.where(a.abs() == 1.0, 3.0 * a, a))
+    assert (outside["action"].abs() > 1.0).any()
+    with torch.no_grad():
+        torch.testing.assert_close(agent.imagined_rewards(outside)["disagreement"],
+                                   agent.imagined_rewards(inside)["disagreement"])
+        raw = agent.ensemble.disagreement(torch.cat([traj["feat"][:-1], outside["action"]], -1))
+    assert not torch.allclose(raw, agent.imagined_rewards(inside)["disagreement"])  # bounding did something
+    x = outside["action"].clone().requires_grad_(True)  # the gradient still reaches the action
+    agent.ensemble.disagreement(torch.cat([traj["feat"][:-1], td.bound_action(x)], -1)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def replay_batch(seed, B=2, T=10, A=1, poison=None, discrete=False):
