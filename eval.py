@@ -160,12 +160,16 @@ class HeatmapArgs:
 
 @dataclass
 class EpisodesArgs:
-    run: str
-    """an agent's output dir: its episodes.csv (or, for runs that predate it, its tensorboard events)"""
+    run: list[str]
+    """agents' output dirs, each `dir` or `label=dir`: their episodes.csv (or, for runs that predate it, their
+    tensorboard events); several runs (an ablation on one seed) share one plot and one table"""
     reference: Optional[str] = None
     """reference.json from eval.py reference: its behaviours are drawn as horizontal lines"""
     smooth: int = 10
     """episodes in the moving average drawn over the per-episode points"""
+    bin: int = 5000
+    """env steps per row of the table of mean true / VIPER return per training episode (printed, and written
+    beside the PNG as <output>.md)"""
     title: str = ""
     """plot title"""
     output: str = "runs/eval_episodes/episodes.png"
@@ -822,50 +826,84 @@ def read_episodes(run):
             "viper_return": np.array([vip.get(s, np.nan) for s in steps])}
 
 
+def episode_bins_table(runs, width):
+    """Markdown table: per `width` env steps (rows) and run (columns), the mean true / VIPER return of the
+    training episodes that ended in that bin ("—" where a run has none). Read beside the reference lines, it
+    shows whether the VIPER return climbs towards the expert's and whether the true return follows."""
+    top = max(int(ep["step"].max()) for ep in runs.values())
+    lines = ["| env steps | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for lo in range(0, top, width):
+        cells = []
+        for ep in runs.values():
+            b = (ep["step"] > lo) & (ep["step"] <= lo + width)
+            vip = ep["viper_return"][b]
+            cells.append("—" if not b.any() else f"{ep['return'][b].mean():.0f} / " +
+                         ("—" if np.isnan(vip).all() else f"{np.nanmean(vip) / 1000:.1f}k"))
+        lines.append(f"| {lo / 1000:g}–{(lo + width) / 1000:g}k | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def eval_episodes(args: EpisodesArgs):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not os.path.isdir(args.run):
-        sys.exit(f"error: run dir {args.run!r} does not exist")
-    ep = read_episodes(args.run)
-    if len(ep["step"]) == 0:
-        sys.exit(f"error: {args.run!r} has no finished training episode yet")
+    if args.bin < 1:
+        sys.exit(f"error: --bin must be >= 1 env step, got {args.bin}")
+    runs = {}
+    for spec in args.run:
+        label, sep, path = spec.partition("=")
+        label, path = (label, path) if sep else (os.path.basename(os.path.normpath(spec)), spec)
+        if not os.path.isdir(path):
+            sys.exit(f"error: run dir {path!r} does not exist")
+        if label in runs:
+            sys.exit(f"error: two runs are labelled {label!r}: name them with label=dir")
+        runs[label] = read_episodes(path)
+        if len(runs[label]["step"]) == 0:
+            sys.exit(f"error: {path!r} has no finished training episode yet")
     ref = {}
     if args.reference:
         if not os.path.isfile(args.reference):
             sys.exit(f"error: --reference {args.reference!r} does not exist (write it with eval.py reference)")
         ref = json.load(open(args.reference))["behaviours"]
     fig, axes = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"][1:]
+    run_colors = dict(zip(runs, ["tab:blue", "tab:red", "tab:orange", "tab:pink", "tab:brown"] * 4))
+    ref_colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(1, len(ref))))  # dashed lines, apart from the runs
     for ax, key, label in ((axes[0], "viper_return", "VIPER return per episode (nats)"),
                            (axes[1], "return", "true task return per episode")):
-        y = ep[key]
-        ax.plot(ep["step"], y, ".", ms=3, color="tab:blue", alpha=0.4, label="agent (training episodes)")
-        if len(y) >= args.smooth:
-            avg = np.convolve(y, np.ones(args.smooth) / args.smooth, mode="valid")
-            ax.plot(ep["step"][args.smooth - 1:], avg, color="tab:blue", label=f"agent, mean of {args.smooth}")
-        for (name, t), c in zip(ref.items(), colors * 3):
+        for name, ep in runs.items():
+            y, c = ep[key], run_colors[name]
+            tag = name if len(runs) > 1 else "agent"
+            ax.plot(ep["step"], y, ".", ms=3, color=c, alpha=0.4, label=f"{tag} (training episodes)")
+            if len(y) >= args.smooth:
+                avg = np.convolve(y, np.ones(args.smooth) / args.smooth, mode="valid")
+                ax.plot(ep["step"][args.smooth - 1:], avg, color=c, label=f"{tag}, mean of {args.smooth}")
+        for (name, t), c in zip(ref.items(), ref_colors):
             v = t["viper_return_mean" if key == "viper_return" else "true_return_mean"]
             ax.axhline(v, color=c, ls="--", lw=1, label=f"{name} ({v:.0f})")
         ax.set(ylabel=label)
-    vals = np.concatenate([ep["viper_return"][np.isfinite(ep["viper_return"])],
+    vals = np.concatenate([*(ep["viper_return"][np.isfinite(ep["viper_return"])] for ep in runs.values()),
                            [t["viper_return_mean"] for t in ref.values()]])
     if len(vals) and vals.max() < 0:  # log-likelihoods: nats from -1e2 to -1e5 all readable on a log scale
         axes[0].set_yscale("symlog", linthresh=max(1.0, -vals.max() / 10))
         axes[0].set_ylim(vals.min() * 1.5, vals.max() / 3)
     axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes[0].set_title(args.title or args.run, fontsize=9)
+    axes[0].set_title(args.title or ", ".join(runs), fontsize=9)
     axes[1].set(xlabel="env steps")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     fig.savefig(args.output, dpi=80)
     plt.close(fig)
+    table = episode_bins_table(runs, args.bin)
+    with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
+        f.write(f"Training episodes, mean true / VIPER return (nats) per {args.bin:,} env steps\n\n{table}\n")
     last = slice(-args.smooth, None)
-    print(f"{args.run}: {len(ep['step'])} episodes; last {args.smooth}: VIPER return "
-          f"{np.nanmean(ep['viper_return'][last]):.1f}, true return {np.mean(ep['return'][last]):.1f} -> {args.output}")
+    for name, ep in runs.items():
+        print(f"{name}: {len(ep['step'])} episodes; last {args.smooth}: VIPER return "
+              f"{np.nanmean(ep['viper_return'][last]):.1f}, true return {np.mean(ep['return'][last]):.1f}")
+    print(f"{table}\n-> {args.output}")
+    return table
 
 
 # ---------------------------------------------------------------------------------------------

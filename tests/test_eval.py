@@ -253,8 +253,22 @@ def test_episodes_plot_reads_episodes_csv(tmp_path):
     ref = tmp_path / "reference.json"
     ref.write_text('{"behaviours": {"zero actions": {"viper_return_mean": -30000.0, "true_return_mean": 200.0}}}')
     out = tmp_path / "ep.png"
-    ev.eval_episodes(ev.EpisodesArgs(run=str(run), reference=str(ref), smooth=2, output=str(out)))
+    ev.eval_episodes(ev.EpisodesArgs(run=[str(run)], reference=str(ref), smooth=2, output=str(out)))
     assert out.stat().st_size > 0
+    # two runs side by side: one table, a column per run, a row per bin of env steps, true / VIPER means
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "episodes.csv").write_text("step,return,viper_return,length\n700,10.0,-5000.0,500\n"
+                                        "900,30.0,-3000.0,500\n1600,0.0,-2000.0,500\n")
+    table = ev.eval_episodes(ev.EpisodesArgs(run=[f"base={run}", f"bounds={other}"], smooth=2, bin=1000,
+                                             output=str(out)))
+    rows = table.splitlines()
+    assert rows[0] == "| env steps | base | bounds |"
+    assert rows[2] == "| 0–1k | 360 / -20.5k | 20 / -4.0k |"  # episodes ending in (0, 1000]: means
+    assert rows[3] == "| 1–2k | — | 0 / -2.0k |"
+    assert (tmp_path / "ep.md").read_text().endswith(table + "\n")
+    with pytest.raises(SystemExit, match="two runs are labelled 'base'"):
+        ev.eval_episodes(ev.EpisodesArgs(run=[f"base={run}", f"base={other}"], output=str(out)))
 
 
 def test_unreadable_episodes_and_zero_episodes_are_named(tmp_path):
