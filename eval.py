@@ -29,7 +29,7 @@ import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Tuple, Union
 
 import numpy as np
 import tyro
@@ -133,6 +133,10 @@ class ReferenceArgs:
     """episodes rolled out per fixed behaviour (random, zero and constant actions)"""
     seed: int = 10_000
     """env seed of the first episode per behaviour, not a run seed: episode i uses seed + i (agent eval seeds)"""
+    density_bounds: Annotated[Optional[Tuple[float, float]], tyro.conf.arg(
+        metavar="LO HI", help_behavior_hint="(default: off)")] = None
+    """the agent's --density-bounds: adds each behaviour's return under the rescaled reward
+    clip((r - LO) / (HI - LO), 0, 1) (what that agent maximises), and the shortcut check uses it"""
     output_dir: str = "runs/eval_reference"
     """where reference.json and reference.csv go (pass reference.json to train_viper_dreamer.py
     --reference-returns and to eval.py episodes)"""
@@ -608,6 +612,11 @@ def rollout(env, policy, rng, seed):
     return np.stack(frames), ret
 
 
+def density_bounded(r, lo, hi):
+    """The agent's --density-bounds rescale of per-step log-likelihoods (train_viper_dreamer.StepRewards)."""
+    return np.clip((np.asarray(r, np.float64) - lo) / (hi - lo), 0.0, 1.0)
+
+
 def episode_viper_rewards(rm, frames, env_id, mode):
     """VIPER reward of every step after the reset frame, as the agent labels them (their sum is the episode's
     VIPER return). compute_rewards equals the agent's insert-time labeler step for step (StepRewards; tested)."""
@@ -653,6 +662,7 @@ def write_reference_csv(path, table):
 
     head = ["episodes", "viper_return_mean", "viper_return_std", "viper_reward_per_step", "true_return_mean",
             "true_return_std", "viper_position", "true_position"]
+    head += [h for h in ("bounded_return_mean", "bounded_return_std", "bounded_position") if h in next(iter(table.values()))]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["behaviour", *head])
@@ -703,19 +713,26 @@ def eval_reference(args: ReferenceArgs):
         table[name] = dict(episodes=len(rows), viper_return_mean=float(v.mean()), viper_return_std=float(v.std()),
                            viper_reward_per_step=float((v / n).mean()), true_return_mean=float(r.mean()),
                            true_return_std=float(r.std()))
+        if args.density_bounds is not None:
+            b = np.array([density_bounded(x, *args.density_bounds).sum() for x in steps[name]])
+            table[name].update(bounded_return_mean=float(b.mean()), bounded_return_std=float(b.std()))
     # Where each behaviour lies between random actions (0) and the expert (1), by VIPER return and by true
     # return. A task-blind behaviour (zero or constant actions) that the reward places much nearer the expert
     # than the task does is a shortcut the agent can take: a broken reward. (On cartpole balance, zero actions
     # keep the pole up for a while: they earn a good true return, and a high VIPER return is then right.)
     expert_key = next(k for k in table if k.startswith("expert"))
+    positions = [("viper_return_mean", "viper_position"), ("true_return_mean", "true_position")]
+    if args.density_bounds is not None:
+        positions.append(("bounded_return_mean", "bounded_position"))
     for k, t in table.items():
-        for key, pos in (("viper_return_mean", "viper_position"), ("true_return_mean", "true_position")):
+        for key, pos in positions:
             lo, hi = table["random actions"][key], table[expert_key][key]
             t[pos] = (t[key] - lo) / (hi - lo) if hi != lo else float("nan")
-    broken = {k: t["viper_position"] for k, t in table.items() if k in fixed_policies(env) and k != "random actions"
-              and t["viper_position"] >= 0.5 and t["viper_position"] - t["true_position"] > 0.25}
+    agent_pos = "viper_position" if args.density_bounds is None else "bounded_position"  # what the agent maximises
+    broken = {k: t[agent_pos] for k, t in table.items() if k in fixed_policies(env) and k != "random actions"
+              and t[agent_pos] >= 0.5 and t[agent_pos] - t["true_position"] > 0.25}
     summary = {"reward_model": args.reward_model, "env_id": args.env_id, "mode": args.reward_mode, "seed": args.seed,
-               "behaviours": table, "shortcuts": broken,
+               "density_bounds": args.density_bounds, "behaviours": table, "shortcuts": broken,
                "spearman_viper_vs_true_return": spearman([t["viper_return_mean"] for t in table.values()],
                                                          [t["true_return_mean"] for t in table.values()])}
     env.close()
@@ -728,12 +745,15 @@ def eval_reference(args: ReferenceArgs):
     print(f"{args.env_id}, {args.reward_mode} VIPER reward of {args.reward_model}:")
     w = max(map(len, table))
     for k, t in table.items():
+        bounded = ("" if args.density_bounds is None else
+                   f"  bounded return {t['bounded_return_mean']:.1f} (position {t['bounded_position']:.2f})")
         print(f"  {k:<{w}}  VIPER return {t['viper_return_mean']:>10.1f} +- {t['viper_return_std']:<8.1f} "
               f"({t['viper_reward_per_step']:.2f} / step)  true return {t['true_return_mean']:.1f}  "
-              f"(random -> expert: VIPER {t['viper_position']:.2f}, true {t['true_position']:.2f})")
+              f"(random -> expert: VIPER {t['viper_position']:.2f}, true {t['true_position']:.2f}){bounded}")
     print(f"Spearman rho over the behaviours (VIPER vs true return): {summary['spearman_viper_vs_true_return']:.3f}")
     for k, v in broken.items():
-        print(f"WARNING: '{k}' gets {100 * v:.0f}% of the way from random actions to the expert by VIPER return "
+        print(f"WARNING: '{k}' gets {100 * v:.0f}% of the way from random actions to the expert by "
+              f"{'VIPER' if args.density_bounds is None else 'bounded VIPER'} return "
               f"but {100 * table[k]['true_position']:.0f}% by true return: the agent can climb this reward without "
               f"doing the task; fix the video model before a long agent run")
     print(f"-> {args.output_dir}/reference.json, reference.csv, reference.png")

@@ -186,6 +186,16 @@ def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
     _write_episode(tmp_path / "experts" / TASK / "test" / "000020.npz", expert, np.ones(9, np.float32))
     _write_episode(tmp_path / "deg" / TASK / "train" / "eps0.5_001000.npz", frames(7, 1), np.zeros(7, np.float32))
     out = tmp_path / "ref"
+    # the expert's per-step rewards as the agent's insert-time labeler gives them (nats, then --density-bounds)
+    rm = td.load_videogpt(torch.load(model, weights_only=False), "cpu")
+    labeler = td.StepRewards(viper_args(tmp_path, model), rm)
+    labeler.reset(expert[0])
+    nats = [labeler(f, 0.0)["density"] for f in expert[1:]]
+    bounds = (float(np.median(nats)), max(nats))  # half the steps clip to 0, the best to 1
+    labeler = td.StepRewards(viper_args(tmp_path, model, density_bounds=bounds), rm)
+    labeler.reset(expert[0])
+    rescaled = [labeler(f, 0.0)["density"] for f in expert[1:]]
+    assert min(rescaled) == 0.0 and max(rescaled) == 1.0
     with pytest.MonkeyPatch.context() as mp:  # 12-step episodes keep the rollouts short
         import collect_expert_videos as cev
 
@@ -193,22 +203,22 @@ def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
         mp.setattr(cev, "make_env", lambda env_id, seed=0: gym_time_limit(real(env_id, seed), 12))
         summary = ev.eval_reference(ev.ReferenceArgs(
             reward_model=model, env_id=TASK, data_dir=str(tmp_path / "experts"), degraded_dir=str(tmp_path / "deg"),
-            episodes=2, output_dir=str(out)))
+            episodes=2, density_bounds=bounds, output_dir=str(out)))
     table = summary["behaviours"]
     assert list(table) == ["expert (test split)", "expert, epsilon 0.5", "random actions", "zero actions",
                            "constant +1", "constant -1"]
     assert table["expert (test split)"]["true_return_mean"] == 9.0 and table["zero actions"]["episodes"] == 2
     assert table["expert (test split)"]["viper_position"] == 1.0 and table["random actions"]["viper_position"] == 0.0
     assert set(summary["shortcuts"]) <= {"zero actions", "constant +1", "constant -1"}
-    # the expert's VIPER return is what the agent's insert-time labeler sums over the steps after the reset
-    rm = td.load_videogpt(torch.load(model, weights_only=False), "cpu")
-    labeler = td.StepRewards(viper_args(tmp_path, model), rm)
-    labeler.reset(expert[0])
-    expected = sum(labeler(f, 0.0)["density"] for f in expert[1:])
-    assert table["expert (test split)"]["viper_return_mean"] == pytest.approx(expected, rel=1e-5)
+    # the expert's VIPER return is what the agent's insert-time labeler sums over the steps after the reset,
+    # in nats and, with the agent's --density-bounds, rescaled (what that agent maximises)
+    assert table["expert (test split)"]["viper_return_mean"] == pytest.approx(sum(nats), rel=1e-5)
+    assert table["expert (test split)"]["bounded_return_mean"] == pytest.approx(sum(rescaled), rel=1e-5)
+    assert table["expert (test split)"]["bounded_position"] == 1.0 and summary["density_bounds"] == bounds
     with open(out / "reference.csv", newline="") as f:  # behaviour names with commas survive the csv
         rows = list(csv.DictReader(f))
     assert [r["behaviour"] for r in rows] == list(table) and float(rows[1]["true_return_mean"]) == 0.0
+    assert float(rows[0]["bounded_return_mean"]) == pytest.approx(sum(rescaled), abs=0.01)
     assert (out / "reference.png").stat().st_size > 0  # per-step rewards along the episode
     # the agent reads it back for its tensorboard lines, only for the task and mode it was scored for
     refs = td.load_references(viper_args(tmp_path, model, reference_returns=str(out / "reference.json")))
