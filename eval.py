@@ -735,6 +735,9 @@ def eval_reference(args: ReferenceArgs):
                "density_bounds": args.density_bounds, "behaviours": table, "shortcuts": broken,
                "spearman_viper_vs_true_return": spearman([t["viper_return_mean"] for t in table.values()],
                                                          [t["true_return_mean"] for t in table.values()])}
+    if args.density_bounds is not None:
+        summary["spearman_bounded_vs_true_return"] = spearman([t["bounded_return_mean"] for t in table.values()],
+                                                              [t["true_return_mean"] for t in table.values()])
     env.close()
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "reference.json"), "w") as f:
@@ -750,7 +753,9 @@ def eval_reference(args: ReferenceArgs):
         print(f"  {k:<{w}}  VIPER return {t['viper_return_mean']:>10.1f} +- {t['viper_return_std']:<8.1f} "
               f"({t['viper_reward_per_step']:.2f} / step)  true return {t['true_return_mean']:.1f}  "
               f"(random -> expert: VIPER {t['viper_position']:.2f}, true {t['true_position']:.2f}){bounded}")
-    print(f"Spearman rho over the behaviours (VIPER vs true return): {summary['spearman_viper_vs_true_return']:.3f}")
+    print(f"Spearman rho over the behaviours (VIPER vs true return): {summary['spearman_viper_vs_true_return']:.3f}"
+          + ("" if args.density_bounds is None else
+             f"; bounded VIPER vs true return: {summary['spearman_bounded_vs_true_return']:.3f}"))
     for k, v in broken.items():
         print(f"WARNING: '{k}' gets {100 * v:.0f}% of the way from random actions to the expert by "
               f"{'VIPER' if args.density_bounds is None else 'bounded VIPER'} return "
