@@ -413,7 +413,7 @@ def eval_agent(args: AgentArgs):
     if args.num_episodes < 1:
         sys.exit(f"error: --num-episodes must be >= 1, got {args.num_episodes}")
     ckpt = load_checkpoint(args.checkpoint, "agent")
-    env_id = ckpt["args"]["env_id"]
+    env_id, env_steps = ckpt["args"]["env_id"], ckpt.get("counters", {}).get("step")
     del ckpt
     env = cev.make_env(env_id, seed=args.seed)
     policy = load_agent_policy(args.checkpoint, env, explore=args.sample)
@@ -438,7 +438,7 @@ def eval_agent(args: AgentArgs):
             info = json.load(f)
         info.update(final_return_mean=round(summary["mean_return"], 2), final_return_std=round(summary["std_return"], 2),
                     final_episodes=len(returns), final_seeds=[args.seed, args.seed + len(returns) - 1],
-                    final_eval_command=" ".join(["python", "eval.py", *sys.argv[1:]]))
+                    final_eval_command=" ".join(["python", "eval.py", *sys.argv[1:]]), final_env_steps=env_steps)
         with open(run_json + ".tmp", "w") as f:
             json.dump(info, f, indent=1)
         os.replace(run_json + ".tmp", run_json)

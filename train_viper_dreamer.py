@@ -1496,6 +1496,12 @@ def write_run_json(path, args, counters, launch):
         info.update(command=command, commit=commit)
     elif args.resume and (command, commit) not in [tuple(x) for x in info.get("resumed_with", [])]:
         info["resumed_with"] = info.get("resumed_with", []) + [[command, commit]]
+    if "final_return_mean" in info and info.get("final_env_steps", info.get("env_steps")) != counters["step"]:
+        # the run went on past its final evaluation (e.g. resumed with a larger --total-steps): that result is
+        # now an earlier one, kept under earlier_finals, and the tables must not read it as this run's final
+        old = {k: info.pop(k) for k in [k for k in info if k.startswith("final_")]}
+        old.setdefault("final_env_steps", info.get("env_steps"))
+        info["earlier_finals"] = info.get("earlier_finals", []) + [old]
     info.update(env_id=args.env_id, reward=args.reward, seed=args.seed, env_steps=counters["step"],
                 updates=counters["updates"], wall_time_s=round(counters["wall_time_s"], 1))
     tmp = path + ".tmp"

@@ -100,7 +100,7 @@ def test_eval_agent_writes_json_and_gif(tmp_path):
     out = tmp_path / "eval"
     summary = ev.eval_agent(ev.AgentArgs(checkpoint=path, num_episodes=1, output_dir=str(out)))
     info = json.loads((tmp_path / "run.json").read_text())  # the run's final result lands in its run.json
-    assert info["seed"] == 0 and info["final_episodes"] == 1
+    assert info["seed"] == 0 and info["final_episodes"] == 1 and info["final_env_steps"] == 0
     assert info["final_return_mean"] == round(summary["mean_return"], 2) and info["final_return_std"] == 0.0
     assert summary["env_id"] == "dmc_cartpole_balance" and len(summary["returns"]) == 1
     assert 0.0 <= summary["mean_return"] <= 1000.0
@@ -279,6 +279,23 @@ def test_episodes_plot_reads_episodes_csv(tmp_path):
     assert (tmp_path / "ep.md").read_text().endswith(table + "\n")
     with pytest.raises(SystemExit, match="two runs are labelled 'base'"):
         ev.eval_episodes(ev.EpisodesArgs(run=[f"base={run}", f"base={other}"], output=str(out)))
+
+
+def test_a_run_resumed_past_its_final_eval_no_longer_reports_it_as_final(tmp_path):
+    import train_viper_dreamer as td
+
+    path = str(tmp_path / "run.json")
+    args = td.Args(env_id="dmc_cartpole_balance", output_dir=str(tmp_path), resume=True)
+    final = dict(final_return_mean=451.8, final_return_std=25.5, final_episodes=20, final_env_steps=100)
+    with open(path, "w") as f:
+        json.dump(dict(command="python train_viper_dreamer.py", commit="abc", env_steps=100, **final), f)
+    counters = dict(step=100, updates=50, wall_time_s=10.0)
+    td.write_run_json(path, args, counters, ("python train_viper_dreamer.py --resume", "def"))
+    assert json.load(open(path))["final_return_mean"] == 451.8  # resumed at the evaluated step: still final
+    td.write_run_json(path, args, dict(counters, step=120), ("python train_viper_dreamer.py --resume", "def"))
+    info = json.load(open(path))
+    assert not [k for k in info if k.startswith("final_")] and info["env_steps"] == 120
+    assert info["earlier_finals"] == [final]
 
 
 def test_unreadable_episodes_and_zero_episodes_are_named(tmp_path):
