@@ -612,11 +612,6 @@ def rollout(env, policy, rng, seed):
     return np.stack(frames), ret
 
 
-def density_bounded(r, lo, hi):
-    """The agent's --density-bounds rescale of per-step log-likelihoods (train_viper_dreamer.StepRewards)."""
-    return np.clip((np.asarray(r, np.float64) - lo) / (hi - lo), 0.0, 1.0)
-
-
 def episode_viper_rewards(rm, frames, env_id, mode):
     """VIPER reward of every step after the reset frame, as the agent labels them (their sum is the episode's
     VIPER return). compute_rewards equals the agent's insert-time labeler step for step (StepRewards; tested)."""
@@ -713,7 +708,9 @@ def eval_reference(args: ReferenceArgs):
         table[name] = dict(episodes=len(rows), viper_return_mean=float(v.mean()), viper_return_std=float(v.std()),
                            viper_reward_per_step=float((v / n).mean()), true_return_mean=float(r.mean()),
                            true_return_std=float(r.std()))
-        if args.density_bounds is not None:
+        if args.density_bounds is not None:  # the agent's own rescale, step by step
+            from train_viper_dreamer import density_bounded
+
             b = np.array([density_bounded(x, *args.density_bounds).sum() for x in steps[name]])
             table[name].update(bounded_return_mean=float(b.mean()), bounded_return_std=float(b.std()))
     # Where each behaviour lies between random actions (0) and the expert (1), by VIPER return and by true

@@ -683,6 +683,11 @@ def term_scales(args):
     return {k: float(getattr(args, flag)) for k, flag in REWARD_TERMS.items() if getattr(args, flag) != 0}
 
 
+def density_bounded(log_p, lo, hi):
+    """--density-bounds LO HI: clip((log_p - LO) / (HI - LO), 0, 1), per step (eval.py reference uses it too)."""
+    return np.clip((np.asarray(log_p, np.float64) - lo) / (hi - lo), 0.0, 1.0)
+
+
 class StepRewards:
     """Labels each step ONCE as it enters the replay: returns the LABELLED fields of the step.
 
@@ -708,10 +713,7 @@ class StepRewards:
         r = self.rm.rewards_from_codes(self.codes[None], self.env_id, self.mode, first_step=len(self.codes) - 1)
         self.seconds += time.perf_counter() - t0
         self.log_p = float(r[0, 0])
-        if self.bounds is None:
-            return self.log_p
-        lo, hi = self.bounds
-        return min(max((self.log_p - lo) / (hi - lo), 0.0), 1.0)
+        return self.log_p if self.bounds is None else float(density_bounded(self.log_p, *self.bounds))
 
     def reset(self, frame):
         """A new episode starts with this (reset) frame; returns the fields of that first step."""
