@@ -671,6 +671,7 @@ def eval_reference(args: ReferenceArgs):
     from tqdm import tqdm
 
     import collect_expert_videos as cev
+    from train_viper_dreamer import density_bounded  # the agent's own --density-bounds rescale
 
     if args.episodes < 1:
         sys.exit(f"error: --episodes must be >= 1, got {args.episodes}")
@@ -708,9 +709,7 @@ def eval_reference(args: ReferenceArgs):
         table[name] = dict(episodes=len(rows), viper_return_mean=float(v.mean()), viper_return_std=float(v.std()),
                            viper_reward_per_step=float((v / n).mean()), true_return_mean=float(r.mean()),
                            true_return_std=float(r.std()))
-        if args.density_bounds is not None:  # the agent's own rescale, step by step
-            from train_viper_dreamer import density_bounded
-
+        if args.density_bounds is not None:  # what that agent maximises, step by step
             b = np.array([density_bounded(x, *args.density_bounds).sum() for x in steps[name]])
             table[name].update(bounded_return_mean=float(b.mean()), bounded_return_std=float(b.std()))
     # Where each behaviour lies between random actions (0) and the expert (1), by VIPER return and by true
