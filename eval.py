@@ -659,7 +659,7 @@ def write_reference_csv(path, table):
             "true_return_std", "viper_position", "true_position"]
     head += [h for h in ("bounded_return_mean", "bounded_return_std", "bounded_position") if h in next(iter(table.values()))]
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["behaviour", *head])
         for name, t in table.items():
             w.writerow([name, *(f"{t[h]:.2f}" if isinstance(t[h], float) else t[h] for h in head)])

@@ -61,7 +61,6 @@ reward model (`VQGAN`, `VideoGPT`, `RewardModel`, copied). Outputs and measured 
 
 import argparse
 import copy
-import csv
 import ctypes
 import json
 import math
@@ -1229,7 +1228,7 @@ class RunLog:
 
     def evaluation(self, s, returns, frames, grid, wall_time_s):
         with open(self.eval_csv, "a") as f:
-            csv.writer(f).writerow([s, f"{np.mean(returns):.2f}", f"{wall_time_s:.0f}"])
+            f.write(f"{s},{np.mean(returns):.2f},{wall_time_s:.0f}\n")
         self.writer.add_scalar("eval/return", np.mean(returns), s)
         self.writer.add_scalar("eval/return_std", np.std(returns), s)
         self.writer.add_image("eval/episode", film_strip(frames), s, dataformats="HWC")

@@ -271,6 +271,7 @@ def test_resume_continues_at_saved_step_with_same_optimiser_state(dmc_run):
     assert counters["step"] == 364 and counters["updates"] == saved["counters"]["updates"] + 64 * 8 // 64
     rows = read_eval(out / "eval.csv")
     assert [r[0] for r in rows] == ["step", "300", "320", "364"]  # header once, rows appended
+    assert b"\r" not in (out / "eval.csv").read_bytes()  # one line ending, before and after the resume
     with pytest.raises(ValueError, match="--size"):
         td.main(tiny_args(out, "dmc_cartpole_balance", resume=True, size="XS"))
 
