@@ -921,8 +921,10 @@ def eval_episodes(args: EpisodesArgs):
         f.write(f"Training episodes, mean true / VIPER return (nats) per {args.bin:,} env steps\n\n{table}\n")
     last = slice(-args.smooth, None)
     for name, ep in runs.items():
-        print(f"{name}: {len(ep['step'])} episodes; last {args.smooth}: VIPER return "
-              f"{np.nanmean(ep['viper_return'][last]):.1f}, true return {np.mean(ep['return'][last]):.1f}")
+        vip = ep["viper_return"][last]  # nan for a task-reward run: it has no VIPER return
+        vip = "—" if np.isnan(vip).all() else f"{np.nanmean(vip):.1f}"
+        print(f"{name}: {len(ep['step'])} episodes; last {args.smooth}: VIPER return {vip}, "
+              f"true return {np.mean(ep['return'][last]):.1f}")
     print(f"{table}\n-> {args.output}")
     return table
 

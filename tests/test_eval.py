@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -254,7 +255,7 @@ def test_heatmap_tokens_sum_to_the_conditional_reward(tmp_path):
     assert out.stat().st_size > 0
 
 
-def test_episodes_plot_reads_episodes_csv(tmp_path):
+def test_episodes_plot_reads_episodes_csv(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "episodes.csv").write_text("step,return,viper_return,length\n500,300.5,-40000.0,500\n1000,420.0,-900.5,500\n")
@@ -277,6 +278,15 @@ def test_episodes_plot_reads_episodes_csv(tmp_path):
     assert rows[2] == "| 0–1k | 360 / -20.5k | 20 / -4.0k |"  # episodes ending in (0, 1000]: means
     assert rows[3] == "| 1–2k | — | 0 / -2.0k |"
     assert (tmp_path / "ep.md").read_text().endswith(table + "\n")
+    oracle = tmp_path / "oracle"  # a task-reward run has no VIPER return: a dash, not nan and a numpy warning
+    oracle.mkdir()
+    (oracle / "episodes.csv").write_text("step,return,viper_return,length\n500,80.0,nan,500\n1000,95.0,nan,500\n")
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = ev.eval_episodes(ev.EpisodesArgs(run=[f"oracle={oracle}"], smooth=2, bin=1000, output=str(out)))
+    assert "oracle: 2 episodes; last 2: VIPER return —, true return 87.5" in capsys.readouterr().out
+    assert table.splitlines()[2] == "| 0–1k | 88 / — |"
     with pytest.raises(SystemExit, match="two runs are labelled 'base'"):
         ev.eval_episodes(ev.EpisodesArgs(run=[f"base={run}", f"base={other}"], output=str(out)))
 
