@@ -620,6 +620,18 @@ def episode_viper_rewards(rm, frames, env_id, mode):
     return rm.compute_rewards(torch.from_numpy(np.ascontiguousarray(frames))[None], env_id, mode)[0, 1:].numpy()
 
 
+REFERENCE_SEGMENT = 25  # steps per segment of reference.json's reward_per_step_by_segment
+
+
+def segment_means(runs, segment=REFERENCE_SEGMENT):
+    """Mean VIPER reward per step in consecutive `segment`-step stretches of the episode (over its episodes, up to
+    the shortest; a last partial stretch counts): reference.png in numbers, e.g. a swing-up expert's first
+    100 steps against a hanging pole's."""
+    n = min(map(len, runs))
+    y = np.mean([np.asarray(r[:n], np.float64) for r in runs], 0)
+    return [round(float(y[i:i + segment].mean()), 3) for i in range(0, n, segment)]
+
+
 def plot_reference_steps(steps, path, title, smooth=10):
     """reference.png: each behaviour's VIPER reward per step along the episode (mean over its episodes, moving
     average), on a symlog axis: where in an episode a behaviour earns or loses its return. A task-blind
@@ -708,7 +720,7 @@ def eval_reference(args: ReferenceArgs):
         v, r, n = (np.array(c, np.float64) for c in zip(*rows))
         table[name] = dict(episodes=len(rows), viper_return_mean=float(v.mean()), viper_return_std=float(v.std()),
                            viper_reward_per_step=float((v / n).mean()), true_return_mean=float(r.mean()),
-                           true_return_std=float(r.std()))
+                           true_return_std=float(r.std()), reward_per_step_by_segment=segment_means(steps[name]))
         if args.density_bounds is not None:  # what that agent maximises, step by step
             b = np.array([density_bounded(x, *args.density_bounds).sum() for x in steps[name]])
             table[name].update(bounded_return_mean=float(b.mean()), bounded_return_std=float(b.std()))
@@ -728,7 +740,8 @@ def eval_reference(args: ReferenceArgs):
     broken = {k: t[agent_pos] for k, t in table.items() if k in fixed_policies(env) and k != "random actions"
               and t[agent_pos] >= 0.5 and t[agent_pos] - t["true_position"] > 0.25}
     summary = {"reward_model": args.reward_model, "env_id": args.env_id, "mode": args.reward_mode, "seed": args.seed,
-               "density_bounds": args.density_bounds, "behaviours": table, "shortcuts": broken,
+               "density_bounds": args.density_bounds, "segment_steps": REFERENCE_SEGMENT,
+               "behaviours": table, "shortcuts": broken,
                "spearman_viper_vs_true_return": spearman([t["viper_return_mean"] for t in table.values()],
                                                          [t["true_return_mean"] for t in table.values()])}
     if args.density_bounds is not None:
