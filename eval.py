@@ -623,34 +623,34 @@ def episode_viper_rewards(rm, frames, env_id, mode):
 REFERENCE_SEGMENT = 25  # steps per segment of reference.json's reward_per_step_by_segment
 
 
-def segment_means(runs, segment=REFERENCE_SEGMENT):
-    """Mean VIPER reward per step in consecutive `segment`-step stretches of the episode (over its episodes, up to
-    the shortest; a last partial stretch counts): reference.png in numbers, e.g. a swing-up expert's first
-    100 steps against a hanging pole's."""
+def mean_per_step(runs):
+    """A behaviour's VIPER reward at each step, averaged over its episodes (up to the shortest one)."""
     n = min(map(len, runs))
-    y = np.mean([np.asarray(r[:n], np.float64) for r in runs], 0)
-    return [round(float(y[i:i + segment].mean()), 3) for i in range(0, n, segment)]
+    return np.mean([np.asarray(r[:n], np.float64) for r in runs], 0)
 
 
-def plot_reference_steps(steps, path, title, smooth=10):
-    """reference.png: each behaviour's VIPER reward per step along the episode (mean over its episodes, moving
-    average), on a symlog axis: where in an episode a behaviour earns or loses its return. A task-blind
-    behaviour that out-scores the expert's early steps (say, hanging still against swinging up) is a trap the
-    return table alone does not show."""
+def segment_means(y, segment=REFERENCE_SEGMENT):
+    """mean_per_step in consecutive `segment`-step stretches of the episode (a last partial stretch counts):
+    reference.png in numbers, e.g. a swing-up expert's first 100 steps against a hanging pole's."""
+    return [round(float(y[i:i + segment].mean()), 3) for i in range(0, len(y), segment)]
+
+
+def plot_reference_steps(curves, path, title, smooth=10):
+    """reference.png: each behaviour's mean_per_step along the episode (moving average), on a symlog axis: where
+    in an episode a behaviour earns or loses its return. A task-blind behaviour that out-scores the expert's
+    early steps (say, hanging still against swinging up) is a trap the return table alone does not show."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, sum(k.startswith("expert,") for k in steps)))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, sum(k.startswith("expert,") for k in curves)))
     degraded = iter(colors)
     style = {"random actions": dict(color="tab:red"), "zero actions": dict(color="black", ls="--"),
              "constant +1": dict(color="tab:orange", ls=":"), "constant -1": dict(color="tab:brown", ls=":")}
-    for name, runs in steps.items():
-        n = min(map(len, runs))
-        y = np.mean([r[:n] for r in runs], 0)
-        k = min(smooth, n)
+    for name, y in curves.items():
+        k = min(smooth, len(y))
         y = np.convolve(y, np.ones(k) / k, mode="valid")
         kw = (dict(color="tab:green", lw=2.5) if name.startswith("expert (") else
               dict(color=next(degraded), lw=1) if name.startswith("expert,") else style.get(name, {}))
@@ -715,12 +715,12 @@ def eval_reference(args: ReferenceArgs):
             steps[name].append(episode_viper_rewards(rm, frames, args.env_id, args.reward_mode))
             rows.append((float(steps[name][-1].sum()), ret, len(frames) - 1))
         behaviours[name] = rows
-    table = {}
+    curves, table = {name: mean_per_step(runs) for name, runs in steps.items()}, {}
     for name, rows in behaviours.items():
         v, r, n = (np.array(c, np.float64) for c in zip(*rows))
         table[name] = dict(episodes=len(rows), viper_return_mean=float(v.mean()), viper_return_std=float(v.std()),
                            viper_reward_per_step=float((v / n).mean()), true_return_mean=float(r.mean()),
-                           true_return_std=float(r.std()), reward_per_step_by_segment=segment_means(steps[name]))
+                           true_return_std=float(r.std()), reward_per_step_by_segment=segment_means(curves[name]))
         if args.density_bounds is not None:  # what that agent maximises, step by step
             b = np.array([density_bounded(x, *args.density_bounds).sum() for x in steps[name]])
             table[name].update(bounded_return_mean=float(b.mean()), bounded_return_std=float(b.std()))
@@ -752,7 +752,7 @@ def eval_reference(args: ReferenceArgs):
     with open(os.path.join(args.output_dir, "reference.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_reference_csv(os.path.join(args.output_dir, "reference.csv"), table)
-    plot_reference_steps(steps, os.path.join(args.output_dir, "reference.png"),
+    plot_reference_steps(curves, os.path.join(args.output_dir, "reference.png"),
                          f"{args.env_id}: VIPER reward along the episode ({args.reward_mode})")
     print(f"{args.env_id}, {args.reward_mode} VIPER reward of {args.reward_model}:")
     w = max(map(len, table))

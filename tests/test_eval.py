@@ -218,7 +218,7 @@ def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
     assert table["expert (test split)"]["bounded_position"] == 1.0 and summary["density_bounds"] == bounds
     # reference.png in numbers: the expert's 8 steps in segments of 5 and 3 (the last one partial)
     segments = [round(float(np.mean(nats[:5])), 3), round(float(np.mean(nats[5:])), 3)]
-    assert ev.segment_means([np.array(nats)], 5) == segments
+    assert ev.segment_means(ev.mean_per_step([np.array(nats)]), 5) == segments
     assert summary["segment_steps"] == 25 and len(table["zero actions"]["reward_per_step_by_segment"]) == 1
     assert table["expert (test split)"]["reward_per_step_by_segment"] == [round(float(np.mean(nats)), 3)]
     with open(out / "reference.csv", newline="") as f:  # behaviour names with commas survive the csv
