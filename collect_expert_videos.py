@@ -52,6 +52,10 @@ class Args:
     """share of episodes written to test/ (the last ones); at least one when > 0 and num_episodes > 1"""
     prefix: str = ""
     """prepended to episode file names, e.g. `eps0.50_` so degraded episodes can sit beside experts"""
+    cart_wander: float = 0.0
+    """cartpole experts only: the most the cart's balancing set-point swings from the rail's centre (sinusoid, 4-8 s
+    period, drawn per episode). 0 balances every episode at the centre, so the video model sees a single upright
+    frame and scores any other upright pose like a random one; the swing-up recipe uses 0.6 (README)"""
     max_steps: Optional[int] = None
     """end each episode after this many agent steps (its video then holds max-steps + 1 frames); default: no cap.
     Keeps long episodes small: the scripted Pong expert's 21-point game lasts ~3,900 steps (~5-6 points per 1,000)"""
@@ -252,24 +256,36 @@ def _wrap(angle):
 
 
 class CartpoleExpert:
-    """Energy-pumping swing-up, then LQR around the upright with the cart centred.
+    """Energy-pumping swing-up, then LQR around the upright at a cart set-point.
 
     Far from upright it accelerates the cart against (pole speed x cos(angle)), which feeds the pole
     energy until it matches resting upright (the cart acceleration a changes it at the rate
     -m l cos(angle) angle' a); weak PD keeps the cart near the middle of the rail. Within ~37 degrees
-    of upright an LQR on [x, angle, x', angle'] takes over. Balance starts upright, so only LQR acts.
+    of upright an LQR on [x - x*, angle, x' - x*', angle'] takes over. Balance starts upright, so only LQR acts.
+
+    The set-point x* is the rail's centre (`cart_wander` 0): then every episode ends in the same frame, a
+    centred, motionless upright pole. With `cart_wander` A > 0 it moves as x*(t) = a sin(2 pi t / T + phi),
+    a ~ U(0, A), T ~ U(4, 8) s, phi ~ U(0, 2 pi) drawn per episode (`seed`), so the upright pole is seen
+    across the rail, the cart moving and the pole leaning to move it (a 0.6 swing over 4 s asks ~9 degrees).
     """
 
-    def __init__(self, env: DMCEnv):
-        self.env = env
+    def __init__(self, env: DMCEnv, cart_wander: float = 0.0, seed: int = 0):
+        self.env, self.cart_wander, self.rng = env, cart_wander, np.random.default_rng(seed)
         self.K = _upright_lqr_gain(env, [1.0, 10.0, 0.1, 0.1], 0.5)
+        self.reset()
+
+    def reset(self):
+        a, period, phase = self.rng.uniform(0, self.cart_wander), self.rng.uniform(4, 8), self.rng.uniform(0, 2 * np.pi)
+        self.wave = (a, 2 * np.pi / period, phase) if self.cart_wander > 0 else (0.0, 0.0, 0.0)
 
     def __call__(self, obs):
         p = self.env.physics
         (x, th), (xd, thd) = p.data.qpos, p.data.qvel
         th = _wrap(th)
         if np.cos(th) > 0.8:  # near upright: linear controller
-            return np.clip(-self.K @ np.array([x, th, xd, thd]), -1, 1).astype(np.float32)
+            a, w, phase = self.wave
+            x_ref, xd_ref = a * np.sin(w * p.data.time + phase), a * w * np.cos(w * p.data.time + phase)
+            return np.clip(-self.K @ np.array([x - x_ref, th, xd - xd_ref, thd]), -1, 1).astype(np.float32)
         energy = _pole_energy(p.model, 2, th, thd)
         pump = 2.0 * -energy * -np.sign(thd * np.cos(th) + 1e-9)
         return np.clip([pump - 0.3 * x - 0.3 * xd], -1, 1).astype(np.float32)
@@ -407,8 +423,9 @@ class PongExpert:
         return a
 
 
-def scripted_policy(env_id: str, env: gym.Env):
-    """Returns obs -> action for env_id, or raises listing the env ids that have an expert."""
+def scripted_policy(env_id: str, env: gym.Env, cart_wander: float = 0.0, seed: int = 0):
+    """Returns obs -> action for env_id, or raises listing the env ids that have an expert.
+    `cart_wander` and `seed`: the cartpole experts' moving set-point (CartpoleExpert); other experts ignore them."""
     experts = {
         "dmc_cartpole_balance": CartpoleExpert, "dmc_cartpole_swingup": CartpoleExpert,
         "dmc_pendulum_swingup": PendulumExpert, "dmc_reacher_easy": ReacherExpert,
@@ -416,6 +433,10 @@ def scripted_policy(env_id: str, env: gym.Env):
     }
     if env_id not in experts:
         raise ValueError(f"no scripted expert for {env_id!r}; scripted experts exist for: {', '.join(experts)}")
+    if experts[env_id] is CartpoleExpert:
+        return CartpoleExpert(env.unwrapped, cart_wander, seed)
+    if cart_wander:
+        raise ValueError(f"--cart-wander moves the cartpole experts' set-point; {env_id!r} has no cart")
     return experts[env_id](env.unwrapped)
 
 
@@ -465,6 +486,10 @@ def main(args: Args):
         sys.exit(f"error: unknown env id {args.env_id!r}; valid ids: {', '.join(VALID_ENV_IDS)}")
     if not 0.0 <= args.epsilon <= 1.0:
         sys.exit(f"error: --epsilon must be in [0, 1], got {args.epsilon}")
+    if not 0.0 <= args.cart_wander <= 1.0:  # the rail ends at +-1.8: leave room to lean and brake
+        sys.exit(f"error: --cart-wander must be in [0, 1], got {args.cart_wander}")
+    if args.cart_wander and args.policy != "scripted":
+        sys.exit(f"error: --cart-wander moves the scripted expert's set-point; --policy is {args.policy!r}")
     if args.max_steps is not None and args.max_steps < 1:
         sys.exit(f"error: --max-steps must be >= 1, got {args.max_steps}")
     if args.policy == "agent" and not args.agent_checkpoint:
@@ -485,7 +510,10 @@ def main(args: Args):
     env = make_env(args.env_id, seed=args.seed)
     rng = np.random.default_rng(args.seed)
     if args.policy == "scripted":
-        policy = scripted_policy(args.env_id, env)
+        try:
+            policy = scripted_policy(args.env_id, env, args.cart_wander, args.seed)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     elif args.policy == "agent":
         from train_viper_dreamer import load_agent_policy  # CleanRL-style eval import
 

@@ -91,3 +91,30 @@ def test_scripted_expert_beats_random(env_id, steps, margin):
     expert = _partial_return(env_id, True, steps)
     rand = _partial_return(env_id, False, steps)
     assert expert > rand + margin, (expert, rand)
+
+
+def test_cart_wander_moves_the_balanced_cart(tmp_path):
+    """--cart-wander: the expert keeps the pole up while its set-point carries the cart along the rail, a new swing
+    per episode; 0 holds it at the centre (every episode then ends in the same frame)."""
+    env = cev.make_env("dmc_cartpole_balance", seed=0)
+
+    def run(policy, seed):
+        env.reset(seed=seed)
+        policy.reset()
+        xs, cos = [], []
+        for _ in range(250):  # 5 s: more than half the slowest swing's period
+            env.step(policy(None))
+            xs.append(env.unwrapped.physics.data.qpos[0])
+            cos.append(np.cos(env.unwrapped.physics.data.qpos[1]))
+        return np.array(xs), min(cos)
+
+    centred, cos0 = run(cev.scripted_policy("dmc_cartpole_balance", env), 0)
+    wander = cev.scripted_policy("dmc_cartpole_balance", env, cart_wander=0.6, seed=3)
+    (xa, cosa), (xb, cosb) = run(wander, 0), run(wander, 0)  # same start, the next episode's swing
+    assert np.abs(centred[50:]).max() < 0.1 and cos0 > 0.95
+    assert min(cosa, cosb) > 0.95  # still balancing
+    assert max(np.ptp(xa), np.ptp(xb)) > 0.2 and np.abs(xa - xb).max() > 0.1
+    with pytest.raises(SystemExit, match="--cart-wander"):
+        cev.main(cev.Args(env_id="dmc_cartpole_balance", cart_wander=1.5, output_dir=str(tmp_path)))
+    with pytest.raises(SystemExit, match="--cart-wander"):
+        cev.main(cev.Args(env_id="dmc_reacher_easy", cart_wander=0.5, output_dir=str(tmp_path)))
