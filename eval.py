@@ -5,6 +5,7 @@
     python eval.py samples --reward-model runs/vgpt/videogpt.pt --data-dir data/experts
     python eval.py curves  --runs oracle=runs/oracle/eval.csv viper=runs/viper/eval.csv --reference oracle
     python eval.py tokenizer --checkpoints runs/vqgan/vqgan.pt --data-dir data/experts
+    python eval.py replay  --run runs/agent --reward-model runs/vgpt/videogpt.pt --data-dir data/experts
 
 `reward` scores expert (ε = 0) and ε-degraded episodes (collect_expert_videos.py --epsilon ε
 --prefix eps<ε>_ with the same --seed for every ε, so each ε replays the same starts and goals; ε = 1
@@ -17,7 +18,9 @@ return). It writes summary.json and PNG plots. `agent` runs a trained agent on i
 return as a line) and prints them as a table, with each run's share of a reference run's return at the
 same env steps (VIPER vs the task oracle). `tokenizer` reconstructs held-out episodes with a VQ-GAN and
 reports, beside whole-frame PSNR, how well it keeps the moving objects (on Pong the 1-2 pixel ball, which
-whole-frame PSNR barely notices), with zoomed crops of them.
+whole-frame PSNR barely notices), with zoomed crops of them. `replay` scores an agent's own replayed steps
+and the expert's, binned by task reward per step: does the reward pay the agent's good steps as it pays the
+expert's, or only the expert's exact frames?
 
 Like CleanRL's evals, this file imports the model code from the training scripts.
 """
@@ -178,6 +181,26 @@ class EpisodesArgs:
     """plot title"""
     output: str = "runs/eval_episodes/episodes.png"
     """PNG to write"""
+
+
+@dataclass
+class ReplayArgs:
+    run: str
+    """an agent's output dir: its replay.npz (train_viper_dreamer.py writes it at each checkpoint) and run.json"""
+    reward_model: str
+    """videogpt.pt to score the agent's frames with: its own reward model, or another one (would it pay these states?)"""
+    reward_mode: Literal["conditional", "joint"] = "conditional"
+    """the agent's --reward-mode"""
+    episodes: int = 10
+    """the replay's last complete episodes to score"""
+    data_dir: str = "data/experts"
+    """expert episodes scored beside them: <data-dir>/<env-id>/test/*.npz"""
+    bins: int = 4
+    """table rows: equal-width bins of the task reward per step, from 0 to the experts' highest"""
+    output: str = "runs/eval_replay/replay.json"
+    """JSON to write (the printed table goes beside it as replay.md)"""
+    cuda: bool = True
+    """use CUDA when available"""
 
 
 @dataclass
@@ -833,6 +856,78 @@ def eval_heatmap(args: HeatmapArgs):
 
 
 # ---------------------------------------------------------------------------------------------
+# eval.py replay: what the reward pays the agent's own steps, by how good they are for the task
+# ---------------------------------------------------------------------------------------------
+def replay_episodes(path, n):
+    """The last `n` complete episodes of a replay.npz, oldest first: [(frames [T+1, ...], task rewards [T])]."""
+    try:
+        with np.load(path) as f:
+            size, ptr = int(f["size"]), int(f["ptr"])
+            roll = -ptr % size  # a ring buffer that wrapped holds its oldest step at ptr
+            image, task, first = (np.roll(f[k][:size], roll, 0) for k in ("image", "task", "is_first"))
+    except (OSError, KeyError, ValueError, EOFError) as e:
+        sys.exit(f"error: {path!r} is not a readable replay.npz ({type(e).__name__}: {e})")
+    starts = np.flatnonzero(first)  # the steps after the last start belong to an episode still running
+    spans = list(zip(starts[:-1], starts[1:]))[-n:]
+    return [(image[a:b], task[a + 1:b]) for a, b in spans]
+
+
+def reward_by_task_bin(steps, edges):
+    """[(count, median, mean)] of the VIPER rewards whose step's task reward falls in each bin (last edge included)."""
+    viper, task = np.concatenate([v for v, _ in steps]), np.concatenate([t for _, t in steps])
+    rows = []
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        m = (task >= lo) & ((task <= hi) if i == len(edges) - 2 else (task < hi))
+        rows.append((int(m.sum()), float(np.median(viper[m])) if m.any() else None,
+                     float(viper[m].mean()) if m.any() else None))
+    return rows
+
+
+def eval_replay(args: ReplayArgs):
+    """Score the agent's last replayed episodes and the expert's with a video model; bin their steps by task reward.
+    A reward that works pays the agent's good steps about what it pays the expert's; one that pays the expert's
+    exact frames only gives a learning agent nothing to climb."""
+    replay_path, info_path = os.path.join(args.run, "replay.npz"), os.path.join(args.run, "run.json")
+    for path in (replay_path, info_path):
+        if not os.path.isfile(path):
+            sys.exit(f"error: {path!r} does not exist: --run takes an agent's output dir from train_viper_dreamer.py "
+                     f"(it writes replay.npz unless run with --no-save-replay)")
+    with open(info_path) as f:
+        env_id = json.load(f)["env_id"]
+    rm = load_reward_model(args.reward_model, args.cuda, task=env_id)
+    agent = [(episode_viper_rewards(rm, frames, env_id, args.reward_mode), task)
+             for frames, task in replay_episodes(replay_path, args.episodes)]
+    paths = sorted(glob.glob(os.path.join(args.data_dir, env_id, "test", "*.npz")))
+    if not agent or not paths:
+        sys.exit(f"error: no complete episode in {replay_path!r}" if not agent else
+                 f"error: no expert episodes under {os.path.join(args.data_dir, env_id, 'test')!r}")
+    expert = []
+    for path in paths:
+        video, reward = load_episode(path)
+        expert.append((episode_viper_rewards(rm, video, env_id, args.reward_mode), reward[1:]))
+    edges = np.linspace(0.0, max(float(t.max()) for _, t in expert), args.bins + 1)
+    a_rows, e_rows = reward_by_task_bin(agent, edges), reward_by_task_bin(expert, edges)
+    fmt = lambda v: "—" if v is None else f"{v:.1f}"
+    lines = ["| task reward per step | agent steps | agent VIPER reward (median / mean) | expert steps | "
+             "expert VIPER reward (median / mean) |", "|---|---|---|---|---|"]
+    for lo, hi, a, e in zip(edges[:-1], edges[1:], a_rows, e_rows):
+        lines.append(f"| {lo:.2f}–{hi:.2f} | {a[0]} | {fmt(a[1])} / {fmt(a[2])} | {e[0]} | {fmt(e[1])} / {fmt(e[2])} |")
+    table = "\n".join(lines)
+    summary = {"run": args.run, "reward_model": args.reward_model, "env_id": env_id, "mode": args.reward_mode,
+               "agent_episodes": len(agent), "expert_episodes": len(expert), "task_reward_edges": edges.tolist(),
+               "agent": [dict(zip(("steps", "median", "mean"), r)) for r in a_rows],
+               "expert": [dict(zip(("steps", "median", "mean"), r)) for r in e_rows]}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.splitext(args.output)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+    print(f"{env_id}: VIPER reward per step (nats, before any --density-bounds) of the last {len(agent)} replayed "
+          f"episodes of {args.run} and of {len(expert)} expert test episodes, by task reward per step\n{table}")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
 # eval.py episodes: the agent's VIPER return per episode against the reference behaviours
 # ---------------------------------------------------------------------------------------------
 def read_episodes(run):
@@ -1061,7 +1156,8 @@ if __name__ == "__main__":
         Annotated[HeatmapArgs, tyro.conf.subcommand("heatmap")],
         Annotated[EpisodesArgs, tyro.conf.subcommand("episodes")],
         Annotated[TokenizerArgs, tyro.conf.subcommand("tokenizer")],
+        Annotated[ReplayArgs, tyro.conf.subcommand("replay")],
     ])
     {RewardArgs: eval_reward, AgentArgs: eval_agent, SamplesArgs: eval_samples, CurvesArgs: eval_curves,
      ReferenceArgs: eval_reference, HeatmapArgs: eval_heatmap, EpisodesArgs: eval_episodes,
-     TokenizerArgs: eval_tokenizer}[type(args)](args)
+     TokenizerArgs: eval_tokenizer, ReplayArgs: eval_replay}[type(args)](args)

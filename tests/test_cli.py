@@ -45,7 +45,7 @@ def help_defaults(*args):
     ("eval.py samples", "--context-frames"), ("eval.py tokenizer", "--min-brightness"),
     # one name per concept: the agent's --reward-mode is the same flag where eval.py scores its reward
     ("train_viper_dreamer.py", "--reward-mode"), ("eval.py reward", "--reward-mode"),
-    ("eval.py reference", "--reward-mode"),
+    ("eval.py reference", "--reward-mode"), ("eval.py replay", "--reward-mode"),
 ])
 def test_help_lists_the_flags(script, flag):
     r = cli(*script.split(), "--help")
@@ -108,7 +108,7 @@ NONE_DEFAULTS = {
     "eval.py reward": {"--tasks", "--max-steps"}, "eval.py agent": set(), "eval.py reference": set(),
     "eval.py samples": {"--task", "--num-frames"}, "eval.py heatmap": set(), "eval.py episodes": {"--reference"},
     "eval.py curves": {"--reference", "--random-return", "--expert-return", "--target"},
-    "eval.py tokenizer": {"--tasks"},
+    "eval.py tokenizer": {"--tasks"}, "eval.py replay": set(),
 }
 
 

@@ -383,3 +383,36 @@ def test_tokenizer_eval_reports_a_lost_ball(tmp_path, monkeypatch, drop_ball):
     else:
         assert s["object_contrast_kept"] == 1.0 and s["object_frames_lost"] == 0.0 and s["object_psnr"] == 80
     assert (tmp_path / "out" / "objects.png").stat().st_size > 0
+
+
+def test_replay_bins_the_agents_own_steps_by_task_reward(tmp_path, capsys):
+    """eval.py replay: the last complete episodes of a wrapped ring buffer, scored as the labeler scores them and
+    binned by task reward per step beside the expert's."""
+    model = make_videogpt(tmp_path / "videogpt.pt")
+    rm = ev.load_reward_model(model, cuda=False)
+    eps = [frames(6, 1), frames(5, 2), frames(7, 3)]  # episodes in the order they were played; the third unfinished
+    tasks = [np.array([0.0, 0.1, 0.2, 1.5, 2.0, 0.4], np.float32), np.array([0.0, 1.9, 1.8, 0.3, 0.0], np.float32),
+             np.zeros(7, np.float32)]
+    image, task = np.concatenate(eps), np.concatenate(tasks)
+    first = np.zeros(len(image), bool)
+    first[[0, 6, 11]] = True
+    ptr = 4  # a full ring buffer whose oldest step sits at index 4: stored rotated
+    run = tmp_path / "run"
+    run.mkdir()
+    np.savez(run / "replay.npz", size=len(image), ptr=ptr, step=99, image=np.roll(image, ptr, 0),
+             task=np.roll(task, ptr, 0), is_first=np.roll(first, ptr, 0))
+    (run / "run.json").write_text(json.dumps({"env_id": TASK}))
+    expert = frames(6, 4)
+    _write_episode(tmp_path / "experts" / TASK / "test" / "000001.npz", expert,
+                   np.array([0.0, 2.0, 2.0, 0.2, 1.2, 1.9], np.float32))
+    out = tmp_path / "replay" / "replay.json"
+    s = ev.eval_replay(ev.ReplayArgs(run=str(run), reward_model=str(model), data_dir=str(tmp_path / "experts"),
+                                     episodes=5, bins=2, output=str(out), cuda=False))
+    assert s["agent_episodes"] == 2 and s["task_reward_edges"] == [0.0, 1.0, 2.0]  # the running episode is left out
+    r0, r1 = (ev.episode_viper_rewards(rm, e, TASK, "conditional") for e in eps[:2])
+    low = np.concatenate([r0[[0, 1, 4]], r1[[2, 3]]])  # steps whose task reward is below 1.0
+    assert s["agent"][0]["steps"] == 5 and s["agent"][0]["mean"] == pytest.approx(float(low.mean()), rel=1e-5)
+    assert s["agent"][1]["steps"] == 4 and s["expert"][1]["steps"] == 4  # the top edge (2.0) counts in the top bin
+    assert "| 1.00–2.00 | 4 |" in capsys.readouterr().out and (out.parent / "replay.md").exists()
+    with pytest.raises(SystemExit, match="replay.npz"):
+        ev.eval_replay(ev.ReplayArgs(run=str(tmp_path / "nope"), reward_model=str(model), cuda=False))
