@@ -55,7 +55,7 @@ class Args:
     cart_wander: float = 0.0
     """cartpole experts only: the most the cart's balancing set-point swings from the rail's centre (sinusoid, 4-8 s
     period, drawn per episode). 0 balances every episode at the centre, so the video model sees a single upright
-    frame and scores any other upright pose like a random one; the swing-up recipe uses 0.6 (README)"""
+    frame and scores any other upright pose like a random one; README's swing-up results try 0.6"""
     max_steps: Optional[int] = None
     """end each episode after this many agent steps (its video then holds max-steps + 1 frames); default: no cap.
     Keeps long episodes small: the scripted Pong expert's 21-point game lasts ~3,900 steps (~5-6 points per 1,000)"""
@@ -425,7 +425,8 @@ class PongExpert:
 
 def scripted_policy(env_id: str, env: gym.Env, cart_wander: float = 0.0, seed: int = 0):
     """Returns obs -> action for env_id, or raises listing the env ids that have an expert.
-    `cart_wander` and `seed`: the cartpole experts' moving set-point (CartpoleExpert); other experts ignore them."""
+    `cart_wander` and `seed`: the cartpole experts' moving set-point (CartpoleExpert); other experts have no cart
+    (cart_wander > 0 raises for them) and ignore `seed`."""
     experts = {
         "dmc_cartpole_balance": CartpoleExpert, "dmc_cartpole_swingup": CartpoleExpert,
         "dmc_pendulum_swingup": PendulumExpert, "dmc_reacher_easy": ReacherExpert,
