@@ -275,8 +275,10 @@ class CartpoleExpert:
         self.reset()
 
     def reset(self):
-        a, period, phase = self.rng.uniform(0, self.cart_wander), self.rng.uniform(4, 8), self.rng.uniform(0, 2 * np.pi)
-        self.wave = (a, 2 * np.pi / period, phase) if self.cart_wander > 0 else (0.0, 0.0, 0.0)
+        self.wave = (0.0, 0.0, 0.0)  # (amplitude, angular frequency, phase) of x*
+        if self.cart_wander > 0:
+            a, period, phase = self.rng.uniform(0, self.cart_wander), self.rng.uniform(4, 8), self.rng.uniform(0, 2 * np.pi)
+            self.wave = (a, 2 * np.pi / period, phase)
 
     def __call__(self, obs):
         p = self.env.physics

@@ -860,13 +860,15 @@ def eval_heatmap(args: HeatmapArgs):
 # ---------------------------------------------------------------------------------------------
 def replay_episodes(path, n):
     """The last `n` complete episodes of a replay.npz, oldest first: [(frames [T+1, ...], task rewards [T])]."""
+    from train_viper_dreamer import read_replay
+
     try:
-        with np.load(path) as f:
-            size, ptr = int(f["size"]), int(f["ptr"])
-            roll = -ptr % size  # a ring buffer that wrapped holds its oldest step at ptr
-            image, task, first = (np.roll(f[k][:size], roll, 0) for k in ("image", "task", "is_first"))
-    except (OSError, KeyError, ValueError, EOFError) as e:
-        sys.exit(f"error: {path!r} is not a readable replay.npz ({type(e).__name__}: {e})")
+        f = read_replay(path, ["size", "ptr", "image", "task", "is_first"])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    size, ptr = int(f["size"]), int(f["ptr"])
+    roll = -ptr % max(size, 1)  # a ring buffer that wrapped holds its oldest step at ptr
+    image, task, first = (np.roll(f[k][:size], roll, 0) for k in ("image", "task", "is_first"))
     starts = np.flatnonzero(first)  # the steps after the last start belong to an episode still running
     spans = list(zip(starts[:-1], starts[1:]))[-n:]
     return [(image[a:b], task[a + 1:b]) for a, b in spans]
@@ -894,13 +896,14 @@ def eval_replay(args: ReplayArgs):
                      f"(it writes replay.npz unless run with --no-save-replay)")
     with open(info_path) as f:
         env_id = json.load(f)["env_id"]
-    rm = load_reward_model(args.reward_model, args.cuda, task=env_id)
-    agent = [(episode_viper_rewards(rm, frames, env_id, args.reward_mode), task)
-             for frames, task in replay_episodes(replay_path, args.episodes)]
     paths = sorted(glob.glob(os.path.join(args.data_dir, env_id, "test", "*.npz")))
-    if not agent or not paths:
-        sys.exit(f"error: no complete episode in {replay_path!r}" if not agent else
-                 f"error: no expert episodes under {os.path.join(args.data_dir, env_id, 'test')!r}")
+    if not paths:
+        sys.exit(f"error: no expert episodes under {os.path.join(args.data_dir, env_id, 'test')!r}")
+    episodes = replay_episodes(replay_path, args.episodes)
+    if not episodes:
+        sys.exit(f"error: no complete episode in {replay_path!r}")
+    rm = load_reward_model(args.reward_model, args.cuda, task=env_id)
+    agent = [(episode_viper_rewards(rm, frames, env_id, args.reward_mode), task) for frames, task in episodes]
     expert = []
     for path in paths:
         video, reward = load_episode(path)

@@ -773,13 +773,9 @@ class Replay:
     def load(self, path, step):
         """Load a replay saved at env step `step` (the checkpoint's); any other step is an error."""
         try:
-            with np.load(path) as f:  # replays saved before the task term had one name store it as `reward`
-                stored = {k: "reward" if k == "task" and "task" not in f.files else k for k in self.data}
-                keys = ["size", "ptr", *self.data, *(["step"] if "step" in f.files else [])]
-                arrays = {k: f[stored.get(k, k)] for k in keys}
-        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated, not npz
-            raise ValueError(f"{path} is not a readable replay ({type(e).__name__}: {e}); delete it to resume "
-                             f"with an empty replay") from e
+            arrays = read_replay(path, ["size", "ptr", *self.data])
+        except ValueError as e:
+            raise ValueError(f"{e}; delete it to resume with an empty replay") from e
         if "step" in arrays and int(arrays["step"]) != step:
             raise ValueError(f"{path} was saved at step {int(arrays['step'])} but agent.pt at step {step} (a save "
                              f"was interrupted between the two files): delete {path} to resume with an empty "
@@ -790,6 +786,19 @@ class Replay:
         for k in self.data:
             self.data[k][:size] = arrays[k]
         self.size, self.ptr = size, int(arrays["ptr"]) % self.capacity if size == self.capacity else size
+
+
+def read_replay(path, keys):
+    """{key: array} of a replay.npz written by Replay.save, plus `step` when the file has it. ValueError naming
+    the file when it is not a readable replay."""
+    try:
+        with np.load(path) as f:  # replays saved before the task term had one name store it as `reward`
+            arrays = {k: f["reward" if k == "task" and "task" not in f.files else k] for k in keys}
+            if "step" in f.files:
+                arrays["step"] = f["step"]
+            return arrays
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:  # truncated, not npz
+        raise ValueError(f"{path} is not a readable replay ({type(e).__name__}: {e})") from e
 
 
 # ---------------------------------------------------------------------------------------------
