@@ -117,7 +117,7 @@ class CurvesArgs:
     title: str = ""
     """plot title"""
     output: str = "runs/eval_curves/curves.png"
-    """PNG to write (its folder also gets curves.md, the printed table)"""
+    """PNG to write (the printed table goes beside it as <output>.md)"""
 
 
 @dataclass
@@ -596,7 +596,7 @@ def eval_curves(args: CurvesArgs):
     os.makedirs(out_dir, exist_ok=True)
     fig.savefig(args.output, dpi=80)
     plt.close(fig)
-    with open(os.path.join(out_dir, "curves.md"), "w") as f:
+    with open(os.path.splitext(args.output)[0] + ".md", "w") as f:  # beside the PNG, named after it
         f.write(table + "\n")
     print(table + f"\n-> {args.output}")
     return table

@@ -143,7 +143,11 @@ def test_eval_curves_table_and_png(tmp_path):
     assert lines[2] == "| 10000 | 200.0 | 150.0 | 75% |"
     assert lines[3] == "| 20000 | 400.0 | 100.0 | 25% |"
     assert lines[4] == "| 30000 |  | 50.0 |  |"  # no oracle eval at 30k: no ratio
-    assert out.stat().st_size > 1000 and (tmp_path / "plots" / "curves.md").read_text().strip() == table
+    assert out.stat().st_size > 1000 and (tmp_path / "plots" / "c.md").read_text().strip() == table
+    # a second plot in the same folder writes its own table and leaves the first one's alone
+    other = ev.eval_curves(ev.CurvesArgs(runs=[f"viper={tmp_path / 'v.csv'}"], output=str(tmp_path / "plots" / "d.png")))
+    assert (tmp_path / "plots" / "d.md").read_text().strip() == other != table
+    assert (tmp_path / "plots" / "c.md").read_text().strip() == table
 
 
 def test_time_to_target_reads_the_wall_time_column(tmp_path):
