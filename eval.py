@@ -666,6 +666,7 @@ def plot_reference_steps(curves, path, title, smooth=10):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = plt.cm.viridis(np.linspace(0, 0.9, sum(k.startswith("expert,") for k in curves)))
@@ -679,6 +680,9 @@ def plot_reference_steps(curves, path, title, smooth=10):
               dict(color=next(degraded), lw=1) if name.startswith("expert,") else style.get(name, {}))
         ax.plot(np.arange(len(y)) + k, y, label=name, **kw)
     ax.set_yscale("symlog", linthresh=1.0)
+    # ticks at 1, 1.5, 2, 3, 5, 7 of each decade: a range inside one decade (reacher: -100 ... -300) gets labels
+    ax.yaxis.set_major_locator(SymmetricalLogLocator(linthresh=1.0, base=10, subs=[1, 1.5, 2, 3, 5, 7]))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set(xlabel="env step", ylabel=f"VIPER reward / step ({smooth}-step mean)", title=title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -420,3 +420,22 @@ def test_replay_bins_the_agents_own_steps_by_task_reward(tmp_path, capsys):
     assert "| 1.00–2.00 | 4 |" in capsys.readouterr().out and (out.parent / "replay.md").exists()
     with pytest.raises(SystemExit, match="replay.npz"):
         ev.eval_replay(ev.ReplayArgs(run=str(tmp_path / "nope"), reward_model=str(model), cuda=False))
+
+
+def test_reference_plot_labels_a_range_inside_one_decade(tmp_path, monkeypatch):
+    """reference.png's symlog axis: rewards between -120 and -250 (the reacher model) fall between the decade
+    ticks -100 and -1000, so the axis had no number at all; intermediate ticks must label that range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to read its axis
+    curves = {"expert (test split)": np.full(50, -120.0), "random actions": np.full(50, -245.0)}
+    ev.plot_reference_steps(curves, tmp_path / "reference.png", "test")
+    ax = figs[0].axes[0]
+    lo, hi = ax.get_ylim()
+    labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi and t.get_text()]
+    assert len(labels) >= 2 and "-200" in labels
+    matplotlib.pyplot.close("all")
