@@ -658,6 +658,18 @@ def segment_means(y, segment=REFERENCE_SEGMENT):
     return [round(float(y[i:i + segment].mean()), 3) for i in range(0, len(y), segment)]
 
 
+def label_symlog_y(ax):
+    """A symlog y-axis is labelled at powers of ten only, so data inside one or two decades (reacher's rewards,
+    -120 ... -250 nats) showed one number or none: there, ticks go at 1, 1.5, 2, 3, 5, 7 of each decade, printed
+    plainly. Call it after plotting (and after set_ylim): it reads the axis' limits."""
+    from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator
+
+    lo, hi = sorted(abs(v) for v in ax.get_ylim())
+    if hi / max(lo, ax.yaxis.get_transform().linthresh) < 100:
+        ax.yaxis.set_major_locator(SymmetricalLogLocator(ax.yaxis.get_transform(), subs=[1, 1.5, 2, 3, 5, 7]))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def plot_reference_steps(curves, path, title, smooth=10):
     """reference.png: each behaviour's mean_per_step along the episode (moving average), on a symlog axis: where
     in an episode a behaviour earns or loses its return. A task-blind behaviour that out-scores the expert's
@@ -666,7 +678,6 @@ def plot_reference_steps(curves, path, title, smooth=10):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     colors = plt.cm.viridis(np.linspace(0, 0.9, sum(k.startswith("expert,") for k in curves)))
@@ -680,9 +691,7 @@ def plot_reference_steps(curves, path, title, smooth=10):
               dict(color=next(degraded), lw=1) if name.startswith("expert,") else style.get(name, {}))
         ax.plot(np.arange(len(y)) + k, y, label=name, **kw)
     ax.set_yscale("symlog", linthresh=1.0)
-    # ticks at 1, 1.5, 2, 3, 5, 7 of each decade: a range inside one decade (reacher: -100 ... -300) gets labels
-    ax.yaxis.set_major_locator(SymmetricalLogLocator(linthresh=1.0, base=10, subs=[1, 1.5, 2, 3, 5, 7]))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    label_symlog_y(ax)
     ax.set(xlabel="env step", ylabel=f"VIPER reward / step ({smooth}-step mean)", title=title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -1024,6 +1033,7 @@ def eval_episodes(args: EpisodesArgs):
     if len(vals) and vals.max() < 0:  # log-likelihoods: nats from -1e2 to -1e5 all readable on a log scale
         axes[0].set_yscale("symlog", linthresh=max(1.0, -vals.max() / 10))
         axes[0].set_ylim(vals.min() * 1.5, vals.max() / 3)
+        label_symlog_y(axes[0])
     axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[0].set_title(args.title or ", ".join(runs), fontsize=9)
     axes[1].set(xlabel="env steps")

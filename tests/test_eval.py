@@ -422,20 +422,35 @@ def test_replay_bins_the_agents_own_steps_by_task_reward(tmp_path, capsys):
         ev.eval_replay(ev.ReplayArgs(run=str(tmp_path / "nope"), reward_model=str(model), cuda=False))
 
 
-def test_reference_plot_labels_a_range_inside_one_decade(tmp_path, monkeypatch):
-    """reference.png's symlog axis: rewards between -120 and -250 (the reacher model) fall between the decade
-    ticks -100 and -1000, so the axis had no number at all; intermediate ticks must label that range."""
+def test_symlog_axes_label_a_range_inside_one_decade(tmp_path, monkeypatch):
+    """reference.png's and episodes.png's symlog axes: rewards between -120 and -250 (the reacher model) fall
+    between the decade ticks -100 and -1000, so the axis had no number at all; intermediate ticks must label that
+    range, while a range over many decades keeps one tick per decade."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figs = []
+    def labels(ax):
+        lo, hi = ax.get_ylim()
+        return [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi and t.get_text()]
+
+    close, figs = plt.close, []
     monkeypatch.setattr(plt, "close", figs.append)  # keep the figure to read its axis
     curves = {"expert (test split)": np.full(50, -120.0), "random actions": np.full(50, -245.0)}
     ev.plot_reference_steps(curves, tmp_path / "reference.png", "test")
-    ax = figs[0].axes[0]
-    lo, hi = ax.get_ylim()
-    labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi and t.get_text()]
-    assert len(labels) >= 2 and "-200" in labels
-    matplotlib.pyplot.close("all")
+    assert len(labels(figs[0].axes[0])) >= 2 and "-200" in labels(figs[0].axes[0])
+    close(figs[0])
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [-2.0, -2e5])  # episodes.png's VIPER returns of a balance run: five decades
+    ax.set_yscale("symlog", linthresh=1.0)
+    fig.canvas.draw()
+    before = labels(ax)
+    ev.label_symlog_y(ax)
+    fig.canvas.draw()
+    assert labels(ax) == before and len(before) <= 7  # one per decade, as matplotlib draws them
+    ax.set_ylim(-300.0, -60.0)  # the reacher VIPER run's returns in thousands: inside one decade
+    ev.label_symlog_y(ax)
+    fig.canvas.draw()
+    assert {"-100", "-200"} <= set(labels(ax))
+    close(fig)
