@@ -1016,10 +1016,14 @@ def action_spec(env):
     raise ValueError(f"unsupported action space {space}")
 
 
+def episode_seed(seed, episode):
+    """The env seed of training episode number `episode`: a resumed run meets the same episodes."""
+    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0] % 2 ** 31)
+
+
 def new_episode(env, replay, labeler, seed, episode, act_dim):
-    """Reset the env for episode number `episode` (seeded by it, so a resumed run meets the same episodes)
-    and store the reset step. Returns the first frame."""
-    obs, _ = env.reset(seed=int(np.random.SeedSequence([seed, episode]).generate_state(1)[0] % 2 ** 31))
+    """Reset the env for episode number `episode` and store the reset step. Returns the first frame."""
+    obs, _ = env.reset(seed=episode_seed(seed, episode))
     replay.add(image=obs, action=np.zeros(act_dim, np.float32), is_first=True, is_terminal=False,
                **labeler.reset(obs))
     return obs
@@ -1065,12 +1069,19 @@ def main(args: Args):
     keep_freed_memory()  # after the replay's lazy allocation
     # episode_returns: (VIPER, task) returns of the last CORR_EPISODES episodes; wall_time_s: summed over resumes
     counters = dict(step=0, updates=0, credit=0.0, episodes=0, episode_returns=[], wall_time_s=0.0)
-    if args.resume:  # weights, optimisers, counters, RNG states and replay as they were at the checkpoint
-        counters, rng = resume(files, args, agent, replay, device)
+    obs, carry, ep_ret, ep_viper, ep_len = None, None, 0.0, 0.0, 0  # ep_viper: the VIPER return over ep_ret's steps
+    if args.resume:  # weights, optimisers, counters, RNG states, replay and the episode in progress, as they were
+        counters, rng, episode = resume(files, args, agent, replay, device)
+        obs = continue_episode(env, replay, labeler, episode, episode_seed(args.seed, counters["episodes"]), discrete)
+        if obs is not None:
+            carry, ep_ret, ep_viper, ep_len = episode["carry"], episode["ep_ret"], episode["ep_viper"], episode["ep_len"]
     log = RunLog(out, args, counters, load_references(args))
 
-    obs = new_episode(env, replay, labeler, args.seed, counters["episodes"], act_dim)
-    carry, ep_ret, ep_viper, ep_len = None, 0.0, 0.0, 0  # ep_viper: the VIPER return over ep_ret's steps
+    def episode_state():  # what a checkpoint needs to continue this episode exactly (see continue_episode)
+        return dict(carry=carry, ep_ret=ep_ret, ep_viper=ep_viper, ep_len=ep_len, codes=labeler.codes)
+
+    if obs is None:
+        obs = new_episode(env, replay, labeler, args.seed, counters["episodes"], act_dim)
     updates_per_step = args.train_ratio / (args.batch_size * args.batch_length)
     metrics, last_eval, t_start, wall_before = {}, None, time.time(), counters["wall_time_s"]
     bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"{name} {args.env_id}", smoothing=0.05)
@@ -1118,11 +1129,11 @@ def main(args: Args):
                 bar.set_postfix(ret=f"{ep_ret:.1f}", eval=last_eval, upd=counters["updates"])
             if s % args.save_every == 0 or s == args.total_steps:
                 counters["wall_time_s"] = wall_before + time.time() - t_start
-                save_run(files, args, agent, replay, counters, act_dim, discrete, launch)
+                save_run(files, args, agent, replay, counters, act_dim, discrete, launch, rng, episode_state())
     bar.close()
     if interrupted:
         counters["wall_time_s"] = wall_before + time.time() - t_start
-        save_run(files, args, agent, replay, counters, act_dim, discrete, launch)
+        save_run(files, args, agent, replay, counters, act_dim, discrete, launch, rng, episode_state())
     log.writer.close()
     env.close()
     eval_env.close()
@@ -1158,7 +1169,7 @@ def run_files(out, resume):
 
 def resume(files, args, agent, replay, device):
     """Load the run as it was at its last checkpoint: weights, optimisers, RNG states, replay. Returns
-    (counters, the numpy Generator of replay sampling and prefill actions)."""
+    (counters, the numpy Generator of replay sampling and prefill actions, the episode in progress or None)."""
     ckpt = upgrade_checkpoint(torch.load(files["agent.pt"], map_location=device, weights_only=False))
     saved = args_from_checkpoint(ckpt["args"])
     for key in ["env_id", "size", "reward", "reward_mode"]:
@@ -1182,7 +1193,29 @@ def resume(files, args, agent, replay, device):
         tqdm.write(f"warning: {files['replay.npz']} not found; resuming with an empty replay")
     tqdm.write(f"resumed {os.path.dirname(files['agent.pt'])} at step {counters['step']} "
                f"({counters['updates']} updates, replay {len(replay)})")
-    return counters, np.random.default_rng([args.seed, counters["step"]])
+    rng = np.random.default_rng([args.seed, counters["step"]])  # checkpoints before the Generator was saved
+    if ckpt["rng"].get("generator") is not None:
+        rng.bit_generator.state = ckpt["rng"]["generator"]
+    return counters, rng, ckpt.get("episode")
+
+
+def continue_episode(env, replay, labeler, episode, seed, discrete):
+    """Bring the env back to the episode in progress at the checkpoint: reset it with the episode's seed and
+    step it with the episode's actions from the replay (the env is deterministic given both), so that a run
+    stopped and resumed goes on exactly as if it had never stopped. Returns the current frame, or None (a new
+    episode starts, as before this existed) when the checkpoint or the replay lacks the episode."""
+    if episode is None or len(replay) < episode["ep_len"] + 1:
+        return None
+    idx = (replay.ptr - episode["ep_len"] - 1 + np.arange(episode["ep_len"] + 1)) % replay.capacity
+    obs, _ = env.reset(seed=seed)
+    for i in idx[1:]:
+        obs, *_ = env.step(env_action(torch.as_tensor(replay.data["action"][i]), discrete))
+    if not replay.data["is_first"][idx[0]] or not np.array_equal(obs, replay.data["image"][idx[-1]]):
+        tqdm.write("warning: replaying the interrupted episode's actions did not reproduce its last frame; "
+                   "a new episode starts (the run goes on, but not exactly as an uninterrupted one)")
+        return None
+    labeler.codes = episode["codes"]
+    return obs
 
 
 class RunLog:
@@ -1259,10 +1292,10 @@ def check_finite(metrics, counters, ckpt_path):
             f"Try lower learning rates (--model-lr, --actor-lr, --critic-lr)")
 
 
-def save_run(files, args, agent, replay, counters, act_dim, discrete, launch):
+def save_run(files, args, agent, replay, counters, act_dim, discrete, launch, rng, episode):
     if args.save_replay:  # the replay first: a kill between the two files leaves a replay newer than
         replay.save(files["replay.npz"], counters["step"])  # agent.pt, which --resume detects by its step
-    save_checkpoint(files["agent.pt"], agent, counters, args, act_dim, discrete)
+    save_checkpoint(files["agent.pt"], agent, counters, args, act_dim, discrete, rng, episode)
     write_run_json(files["run.json"], args, counters, launch)
 
 
@@ -1473,10 +1506,12 @@ def save_gif(path, frames, fps=25):
     os.replace(tmp, path)
 
 
-def save_checkpoint(path, agent, counters, args, act_dim, discrete):
+def save_checkpoint(path, agent, counters, args, act_dim, discrete, rng=None, episode=None):
+    """rng: the Generator of replay sampling; episode: the episode in progress (main's episode_state)."""
     ckpt = dict(kind="agent", agent=agent.state_dict(), optim=optim_state(agent), counters=counters, args=asdict(args),
-                act_dim=act_dim, discrete=discrete,
-                rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate()))
+                act_dim=act_dim, discrete=discrete, episode=episode,
+                rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                         generator=None if rng is None else rng.bit_generator.state))
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)

@@ -300,7 +300,11 @@ def test_resume_viper_run(runs, videogpt_path, tmp_path):
     saved = torch.load(src / "agent.pt", weights_only=False)
     assert counters["step"] == 232 and counters["updates"] == saved["counters"]["updates"] + 4
     assert len(counters["episode_returns"]) == 4  # the correlation's history survives a resume
-    assert calls == [1] * (32 + 1)  # the interrupted episode restarts: its reset frame, then 32 steps
+    assert calls == [1] * 32  # the episode in progress goes on: its reset frame is not scored again
+    # and the resumed run is the uninterrupted one, bit for bit (the same evaluations: at 200 and at the end)
+    straight, *_ = run_agent(tmp_path / "straight", videogpt_path, total_steps=232, eval_every=200, disagreement_scale=1.0)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, agent.state_dict()[k]), k
     with pytest.raises(ValueError, match="reward scales"):
         td.main(viper_args(out, videogpt_path, resume=True, disagreement_scale=0.0))
 
