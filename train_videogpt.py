@@ -132,6 +132,9 @@ class Args:
     # logging
     eval_every: int = 500
     """steps between held-out NLL evaluations and checkpoints"""
+    keep_every: int = 0
+    """also keep a copy of the checkpoint every this many steps (videogpt_step{N}.pt), to compare rewards from
+    models trained for different lengths; 0 keeps only the latest videogpt.pt"""
     eval_clips: int = 64
     """held-out clips (fixed) for the NLL evaluation"""
     sample_every: int = 1500
@@ -825,6 +828,8 @@ def main(args: Args):
            if getattr(args, k) < 1]
     if bad:
         raise ValueError(f"{', '.join(bad)}: must be >= 1")
+    if args.keep_every < 0 or args.keep_every % args.eval_every:  # copies are made when a checkpoint is written
+        raise ValueError(f"--keep-every {args.keep_every}: must be 0 or a multiple of --eval-every {args.eval_every}")
     if args.width % args.num_heads:
         raise ValueError(f"--width {args.width} is not divisible by --num-heads {args.num_heads}")
     if args.batch_size % world:
@@ -940,6 +945,8 @@ def main(args: Args):
     def save():
         ckpt = make_checkpoint(args, ema, class_map, token_hw, vqgan_ckpt, step, tasks, vqgan_hash)
         atomic_save(ckpt, os.path.join(out_dir, "videogpt.pt"))
+        if args.keep_every and step % args.keep_every == 0:
+            atomic_save(ckpt, os.path.join(out_dir, f"videogpt_step{step}.pt"))
         atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step, "args": asdict(args), "tasks": tasks, "vqgan_hash": vqgan_hash}, resume_path)
 

@@ -159,7 +159,7 @@ def test_training_smoke_resume_and_report(workdir, capsys):
     common = dict(vqgan=os.path.join(workdir, "vq", "vqgan.pt"), data_dir=os.path.join(workdir, "data"),
                   random_data_dir=os.path.join(workdir, "random"), output_dir=out, class_cond=True, seq_len=3,
                   frame_skip=2, width=32, num_layers=2, num_heads=4, mlp_dim=64, batch_size=8, warmup_steps=5,
-                  learning_rate=3e-3, eval_every=10, eval_clips=16, sample_every=20, cuda=False)
+                  learning_rate=3e-3, eval_every=10, eval_clips=16, sample_every=20, keep_every=20, cuda=False)
     tv.main(tv.Args(total_steps=20, **common))
     ckpt = torch.load(os.path.join(out, "videogpt.pt"))
     assert ckpt["kind"] == "videogpt" and ckpt["step"] == 20 and ckpt["class_map"] == {"dmc_a": 0, "dmc_b": 1}
@@ -175,6 +175,10 @@ def test_training_smoke_resume_and_report(workdir, capsys):
     assert "resumed" in text and "at step 20" in text and "tokenising episodes" not in text
     ckpt = torch.load(os.path.join(out, "videogpt.pt"))
     assert ckpt["step"] == 30
+    # --keep-every 20: the copy at step 20 is the step-20 model, and no copy was made at 10 or 30
+    assert sorted(f for f in os.listdir(out) if f.startswith("videogpt_step")) == ["videogpt_step20.pt"]
+    kept = torch.load(os.path.join(out, "videogpt_step20.pt"))
+    assert kept["step"] == 20 and any(not torch.equal(v, ckpt["model"][k]) for k, v in kept["model"].items())
     rm = tv.load_videogpt(ckpt)
     assert not hasattr(rm.vqgan, "decoder")  # scoring loads the encoder half of the VQ-GAN
     sampler = tv.load_videogpt_with_decoder(ckpt)
@@ -298,6 +302,12 @@ def test_checkpoint_records_tasks_and_tokenizer_and_resume_refuses_another(workd
 def test_bad_flags_name_the_flag(workdir, tmp_path, flag):
     with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} 0"):
         tv.main(tiny_args(workdir, tmp_path / "run", **{flag: 0}))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_keep_every_must_fall_on_a_checkpoint_step(workdir, tmp_path):
+    with pytest.raises(ValueError, match="--keep-every 15: must be 0 or a multiple of --eval-every 10"):
+        tv.main(tiny_args(workdir, tmp_path / "run", eval_every=10, keep_every=15))
     assert not os.path.exists(tmp_path / "run")
 
 
