@@ -69,6 +69,7 @@ Examples:
 """
 
 import argparse
+import gc
 import math
 import os
 import random
@@ -779,6 +780,11 @@ def main(args: Args) -> dict:
                   f"({round(ev['usage'] * args.codebook_size)}/{args.codebook_size} codes), "
                   f"perplexity {ev['perplexity']:.1f}; {output_dir}/vqgan.pt, {output_dir}/reconstructions.png")
     if distributed:
+        # DDP's reducer holds the process group: free it first, or gloo's worker threads can be torn down during
+        # interpreter shutdown (seen in CI as "terminate called without an active exception" on rank 1)
+        del model
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return {"output_dir": output_dir, "step": max(start_step, args.total_steps), **(ev or {})}
 
