@@ -450,7 +450,7 @@ def eval_agent(args: AgentArgs):
             gif.append(video[::2])
     os.makedirs(args.output_dir, exist_ok=True)
     summary = {"checkpoint": args.checkpoint, "env_id": env_id, "actions": "sample" if args.sample else "mode",
-               "returns": returns, "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns))}
+               "seeds": [args.seed + i for i in range(len(returns))], "returns": returns, "mean_return": float(np.mean(returns)), "std_return": float(np.std(returns))}
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if gif:

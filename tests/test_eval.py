@@ -104,6 +104,7 @@ def test_eval_agent_writes_json_and_gif(tmp_path):
     assert info["seed"] == 0 and info["final_episodes"] == 1 and info["final_env_steps"] == 0
     assert info["final_return_mean"] == round(summary["mean_return"], 2) and info["final_return_std"] == 0.0
     assert summary["env_id"] == "dmc_cartpole_balance" and len(summary["returns"]) == 1
+    assert summary["seeds"] == [10_000]  # episode i was reset with --seed + i, so its start can be replayed
     assert 0.0 <= summary["mean_return"] <= 1000.0
     assert (out / "summary.json").exists() and (out / "episodes.gif").stat().st_size > 1000
     sampled = ev.eval_agent(ev.AgentArgs(checkpoint=path, num_episodes=1, output_dir=str(out), sample=True))
