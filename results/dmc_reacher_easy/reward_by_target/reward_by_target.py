@@ -20,11 +20,12 @@ torch.set_num_threads(1)
 rm = ev.load_reward_model("runs/reacher/videogpt_4x4_500ep/videogpt.pt", cuda=False, task="dmc_reacher_easy")
 env = cev.make_env("dmc_reacher_easy", seed=0)
 expert = cev.scripted_policy("dmc_reacher_easy", env)
+zero = ev.fixed_policies(env)["zero actions"]  # the reference table's zero actions
 rows = []
 for i in range(20):
     seed = 10000 + i
     out = dict(seed=seed)
-    for name, pol in (("expert", lambda o, r: expert(o)), ("zero", lambda o, r: np.zeros(2, np.float32))):
+    for name, pol in (("expert", lambda o, r: expert(o)), ("zero", zero)):
         if hasattr(expert, "reset"):
             expert.reset()
         frames, ret = ev.rollout(env, pol, np.random.default_rng(0), seed)
