@@ -54,6 +54,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -660,6 +661,12 @@ def atomic_save(obj, path: str):
     os.replace(tmp, path)
 
 
+def sigterm_as_interrupt(signum, frame):
+    """SIGTERM handler (`kill`, a batch scheduler's preemption): stop as Ctrl-C does, so the run saves where it is;
+    the signal number rides along for the exit status."""
+    raise KeyboardInterrupt(signum)
+
+
 def check_finite(step: int, **values):
     """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
     every weight into NaN, and the next save would write them over the last good checkpoint."""
@@ -954,6 +961,7 @@ def main(args: Args):
     eval_nll = float("nan")
     bar = tqdm(total=args.total_steps, initial=step, desc="videogpt", disable=not is_main)
     t0, tokens_seen, nll_sum, nll_n = time.time(), 0, 0.0, 0
+    previous_sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # `kill` saves as Ctrl-C does
     try:
         while step < args.total_steps:
             model.train()
@@ -996,15 +1004,19 @@ def main(args: Args):
                 gen = torch.Generator(device).manual_seed(step)
                 grid = sample_grid(reward_model, src[:4], src_labels[:4], gen)
                 writer.add_image("samples/real_over_sampled", grid, step, dataformats="HWC")
-    except KeyboardInterrupt:  # Ctrl-C: save where we are and say how to continue (an interrupt inside the
-        # optimiser/EMA update may leave part of it in the weights; --resume repeats that step, so not bit-exact)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: save where we are and say how to continue (an
+        # interrupt inside the optimiser/EMA update may leave part of it in the weights; --resume repeats that
+        # step, so not bit-exact)
         bar.close()
         if is_main:
             save()
             writer.close()
             print(f"\ninterrupted at step {step}: saved {resume_path}; continue with the same command plus "
                   f"--resume --output-dir {out_dir}")
-        raise SystemExit(130)  # 128 + SIGINT, as if Ctrl-C had ended the process: a calling script stops
+        raise SystemExit(128 + (stop.args[0] if stop.args else signal.SIGINT))  # the shell's status for that
+        # signal (Ctrl-C: 130), as if it had ended the process: a calling script stops
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
     bar.close()
 
     if is_main:

@@ -1085,7 +1085,7 @@ def main(args: Args):
     updates_per_step = args.train_ratio / (args.batch_size * args.batch_length)
     metrics, last_eval, t_start, wall_before = {}, None, time.time(), counters["wall_time_s"]
     bar = tqdm(total=args.total_steps, initial=counters["step"], desc=f"{name} {args.env_id}", smoothing=0.05)
-    with deferred_sigint() as interrupted:  # Ctrl-C: finish this env step, save a checkpoint, exit cleanly
+    with deferred_stop() as interrupted:  # Ctrl-C or SIGTERM: finish this env step, save a checkpoint, exit
         while counters["step"] < args.total_steps and not interrupted:
             # act: uniform random actions during the prefill, then samples of the actor
             if counters["step"] < args.prefill:
@@ -1140,7 +1140,7 @@ def main(args: Args):
     if interrupted:
         print(f"interrupted at step {counters['step']}: saved {files['agent.pt']}; continue with the same command "
               f"and --resume --output-dir {out}", file=sys.stderr)
-        raise SystemExit(130)  # the shell's status for Ctrl-C, as the other training scripts: a calling script stops
+        raise SystemExit(128 + interrupted[0])  # the shell's status for that signal (Ctrl-C: 130): a caller stops
     if reward_model is not None:
         wall = time.time() - t_start
         tqdm.write(f"VIPER reward computation: {labeler.seconds:.1f} s of {wall:.1f} s wall "
@@ -1556,25 +1556,28 @@ def write_run_json(path, args, counters, launch):
 
 
 @contextmanager
-def deferred_sigint():
-    """Inside: Ctrl-C (SIGINT) only appends to the yielded list, which the main loop checks after every env
-    step, so the run stops between steps (never in the middle of an update) and saves there. A second
-    Ctrl-C raises KeyboardInterrupt at once."""
+def deferred_stop():
+    """Inside: Ctrl-C (SIGINT) or a polite kill (SIGTERM: `kill`, a batch scheduler's preemption, a session's
+    end) only appends the signal number to the yielded list, which the main loop checks after every env step,
+    so the run stops between steps (never in the middle of an update) and saves there. A second signal of
+    the same kind acts at once (Ctrl-C raises KeyboardInterrupt, SIGTERM ends the process)."""
     flag = []
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum, frame):
         flag.append(signum)
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous[signum])
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in previous:
+        signal.signal(sig, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
 
 
 def keep_freed_memory():

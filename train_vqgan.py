@@ -73,6 +73,7 @@ import gc
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -403,6 +404,12 @@ def atomic_save(obj, path: str):
     os.replace(tmp, path)
 
 
+def sigterm_as_interrupt(signum, frame):
+    """SIGTERM handler (`kill`, a batch scheduler's preemption): stop as Ctrl-C does, so the run saves where it is;
+    the signal number rides along for the exit status."""
+    raise KeyboardInterrupt(signum)
+
+
 def check_finite(step: int, **values):
     """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
     every weight into NaN, and the next save would write them over the last good checkpoint."""
@@ -666,6 +673,7 @@ def main(args: Args) -> dict:
     bar = tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
                desc="vqgan", disable=rank != 0)
     done = start_step  # updates completed so far: the step a Ctrl-C checkpoint records
+    previous_sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt)  # `kill` saves as Ctrl-C does
     try:
         for step in bar:
             # each (seed, rank, step) gets its own batch: resuming replays the same data without RNG state
@@ -761,15 +769,18 @@ def main(args: Args) -> dict:
             if done % args.eval_every == 0 or done == args.total_steps:
                 ev = run_eval(done) or ev
                 save(done)
-    except KeyboardInterrupt:  # Ctrl-C: save where we are and say how to continue (an interrupt inside an
-        # update may leave part of it in the weights; --resume repeats that step, so not bit-exact)
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: save where we are and say how to continue (an
+        # interrupt inside an update may leave part of it in the weights; --resume repeats that step, so not bit-exact)
         bar.close()
         save(done)
         if rank == 0:
             writer.close()
             print(f"\ninterrupted at step {done}: saved {ckpt_path}; continue with the same command plus "
                   f"--resume --output-dir {output_dir}")
-        raise SystemExit(130)  # 128 + SIGINT, as if Ctrl-C had ended the process: a calling script stops
+        raise SystemExit(128 + (stop.args[0] if stop.args else signal.SIGINT))  # the shell's status for that
+        # signal (Ctrl-C: 130), as if it had ended the process: a calling script stops
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
     if start_step >= args.total_steps:  # nothing left to train: still report on the saved model
         ev = run_eval(start_step)

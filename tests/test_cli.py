@@ -74,26 +74,30 @@ def test_bad_flag_is_named():
     assert r.returncode != 0 and "--batch-sise" in r.stderr
 
 
-def test_sigint_to_a_running_agent_saves_and_exits_130(tmp_path):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # Ctrl-C, and `kill` (a scheduler's preemption)
+def test_sigint_or_sigterm_to_a_running_agent_saves_and_exits(tmp_path, sig):
+    import re
     import signal
     import time
 
     import torch
 
-    out = tmp_path / "agent"
-    proc = subprocess.Popen([sys.executable, "train_viper_dreamer.py", "--total-steps", "100000", "--prefill", "40",
-                             "--batch-length", "16", "--train-ratio", "16", "--output-dir", str(out)],
-                            cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / "episodes.csv").exists() and time.time() < deadline:  # written once the loop starts
-            time.sleep(0.5)
-        time.sleep(5)  # past the prefill, into the updates
-        proc.send_signal(signal.SIGINT)
-        err = proc.communicate(timeout=120)[1]
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    out, log = tmp_path / "agent", tmp_path / "stderr.txt"
+    with open(log, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "train_viper_dreamer.py", "--total-steps", "100000", "--prefill", "40",
+                                 "--batch-length", "16", "--train-ratio", "16", "--output-dir", str(out)],
+                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        try:
+            deadline = time.time() + 300
+            # the progress bar shows upd=N: wait for the first update, however loaded the machine is
+            while not re.search(r"upd=[1-9]", log.read_text()) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            proc.send_signal(getattr(signal, sig))
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 128 + getattr(signal, sig), err[-2000:]  # 130, 143: the shell's status
     assert "interrupted at step" in err and "Traceback" not in err
     saved = torch.load(out / "agent.pt", weights_only=False)["counters"]
     assert saved["step"] > 40 and saved["updates"] > 0

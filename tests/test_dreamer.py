@@ -422,11 +422,12 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(dmc_run, tmp_path, monke
 
     monkeypatch.setattr(td, "make_env", lambda env_id, seed=0: SigintAt(make_env(env_id, seed)))
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
+    before_term = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         td.main(tiny_args(tmp_path, "dmc_cartpole_balance"))  # stops after the step it was in, no traceback
     assert stop.value.code == 130
     assert re.search("interrupted at step 150: saved .*agent.pt.*--resume", capsys.readouterr().err)
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGTERM) is before_term  # put back
     saved = torch.load(tmp_path / "agent.pt", weights_only=False)
     assert saved["counters"]["step"] == 150 and saved["counters"]["updates"] > 0
     assert saved["episode"]["ep_len"] == 150 and saved["episode"]["carry"] is not None  # mid-episode

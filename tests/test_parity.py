@@ -15,7 +15,7 @@ BLOCKS = {
     "VQGAN_DECODER": ("train_vqgan.py", ["train_videogpt.py"]),
     # the transformer and the VIPER reward; sampling (KV cache) stays in train_videogpt.py
     "VIDEOGPT": ("train_videogpt.py", ["train_viper_dreamer.py"]),
-    "FILES": ("train_vqgan.py", ["train_videogpt.py"]),  # reading episode files, writing checkpoints
+    "FILES": ("train_vqgan.py", ["train_videogpt.py"]),  # reading episode files, writing checkpoints, SIGTERM
 }
 
 

@@ -311,23 +311,30 @@ def test_keep_every_must_fall_on_a_checkpoint_step(workdir, tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_ctrl_c_saves_and_exits_with_how_to_resume(workdir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # Ctrl-C, and `kill` (a scheduler's preemption)
+def test_ctrl_c_saves_and_exits_with_how_to_resume(workdir, tmp_path, monkeypatch, capsys, sig):
+    import signal
+
     clip, calls = torch.nn.utils.clip_grad_norm_, []
 
     def ctrl_c_in_third_step(*a, **kw):  # clipped once per step: steps 1, 2 finish, step 3 is interrupted
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            if sig == "SIGINT":  # what Ctrl-C does in Python (a background job ignores a real SIGINT)
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
         return clip(*a, **kw)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_in_third_step)
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         try:
             tv.main(tiny_args(workdir, out, total_steps=4))
         except KeyboardInterrupt:
             pytest.fail("Ctrl-C escaped main() as a traceback, nothing saved")
-    assert stop.value.code == 130
+    assert stop.value.code == 128 + getattr(signal, sig)  # 130, 143: the shell's status for the signal
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
     assert f"interrupted at step 2: saved {out / 'videogpt_resume.pt'}" in capsys.readouterr().out
     assert torch.load(out / "videogpt_resume.pt", weights_only=False)["step"] == 2
     assert torch.load(out / "videogpt.pt")["step"] == 2

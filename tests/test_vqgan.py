@@ -219,7 +219,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
         assert ckpt["step"] < 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values()), name
 
 
-def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # Ctrl-C, and `kill` (a scheduler's preemption)
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys, sig):
+    import signal
+
     data = make_dataset(tmp_path / "data")
     tv.main(vqgan_args(data, tmp_path / "a", total_steps=4))
     clip, calls = torch.nn.utils.clip_grad_norm_, []
@@ -227,16 +230,20 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
     def ctrl_c_in_third_update(*a, **kw):  # steps 0, 1 clip once each; step 2 (first GAN step) is interrupted
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            if sig == "SIGINT":  # what Ctrl-C does in Python (a background job ignores a real SIGINT)
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
         return clip(*a, **kw)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_in_third_update)
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         try:
             tv.main(vqgan_args(data, tmp_path / "b", total_steps=4))
         except KeyboardInterrupt:
             pytest.fail("Ctrl-C escaped main() as a traceback, nothing saved")
-    assert stop.value.code == 130
+    assert stop.value.code == 128 + getattr(signal, sig)  # 130, 143: the shell's status for the signal
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
     assert f"interrupted at step 2: saved {tmp_path / 'b' / 'checkpoint.pt'}" in capsys.readouterr().out
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 2
     monkeypatch.undo()
