@@ -28,7 +28,7 @@ videos finds the agent's own frames. This script trains that video model.
 Output: `<output-dir>/videogpt.pt`, self-contained (EMA transformer, args, class map, training tasks, and
 the whole VQ-GAN checkpoint with a hash of its weights), so later stages need this one path;
 `videogpt_resume.pt` holds the training state. An output dir that holds one is only reused with `--resume`,
-which refuses another architecture or tokenizer; Ctrl-C saves both files and exits; a non-finite (NaN/inf)
+which refuses another architecture or tokenizer; Ctrl-C or `kill` saves both files and exits; a non-finite (NaN/inf)
 loss stops the run before it reaches the weights or a checkpoint.
 At the end the script prints held-out NLL per token next to the unigram entropy of the codes, and, per
 task, the mean conditional reward of held-out expert episodes and (with `--random-data-dir`) of random

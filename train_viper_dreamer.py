@@ -1150,7 +1150,7 @@ def main(args: Args):
 
 # =============================================================================================
 # Appendix A: run files and checks. Everything `main` needs that is not the algorithm: the output
-# directory, resuming, logs and csv files, checkpoints, run.json, Ctrl-C, flag checks, loading.
+# directory, resuming, logs and csv files, checkpoints, run.json, Ctrl-C and kill, flag checks, loading.
 # =============================================================================================
 def run_files(out, resume):
     """Paths of the run's files in `out`. Refuses to start a new run over a finished one (or to resume

@@ -59,7 +59,7 @@ measured on it, and a grid of originals (top) and reconstructions (bottom) is wr
 Output: `<output-dir>/vqgan.pt`, a plain dict read by `load_vqgan` (the whole model; copied into
 train_videogpt.py) and `load_vq_encoder` (the encoder half, all that scoring frames needs; copied into both
 later stages), and `<output-dir>/checkpoint.pt` with the optimiser and RNG state for `--resume`. An output
-dir that holds a checkpoint.pt is only reused with `--resume`; Ctrl-C saves both files and exits; a
+dir that holds a checkpoint.pt is only reused with `--resume`; Ctrl-C or `kill` saves both files and exits; a
 non-finite (NaN/inf) loss stops the run before it reaches the weights or a checkpoint.
 
 Examples:
