@@ -777,8 +777,9 @@ def main(args: Args) -> dict:
             writer.close()
             print(f"\ninterrupted at step {done}: saved {ckpt_path}; continue with the same command plus "
                   f"--resume --output-dir {output_dir}")
-        raise SystemExit(128 + (stop.args[0] if stop.args else signal.SIGINT))  # the shell's status for that
-        # signal (Ctrl-C: 130), as if it had ended the process: a calling script stops
+        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT  # SIGTERM's number
+        raise SystemExit(128 + signum)  # the shell's status for that signal (Ctrl-C: 130), as if it had ended the
+        # process: a calling script stops
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
