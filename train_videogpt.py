@@ -667,6 +667,12 @@ def sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
+def interrupt_exit_status(stop: KeyboardInterrupt) -> int:
+    """128 + the number of the signal that stopped the run (Ctrl-C: 130, SIGTERM: 143), the shell's status as if
+    the signal had ended the process, so a calling script stops too. A bare KeyboardInterrupt counts as Ctrl-C."""
+    return 128 + (stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT)
+
+
 def check_finite(step: int, **values):
     """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
     every weight into NaN, and the next save would write them over the last good checkpoint."""
@@ -1013,9 +1019,7 @@ def main(args: Args):
             writer.close()
             print(f"\ninterrupted at step {step}: saved {resume_path}; continue with the same command plus "
                   f"--resume --output-dir {out_dir}")
-        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT  # SIGTERM's number
-        raise SystemExit(128 + signum)  # the shell's status for that signal (Ctrl-C: 130), as if it had ended the
-        # process: a calling script stops
+        raise SystemExit(interrupt_exit_status(stop))
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
     bar.close()

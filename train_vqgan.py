@@ -410,6 +410,12 @@ def sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
+def interrupt_exit_status(stop: KeyboardInterrupt) -> int:
+    """128 + the number of the signal that stopped the run (Ctrl-C: 130, SIGTERM: 143), the shell's status as if
+    the signal had ended the process, so a calling script stops too. A bare KeyboardInterrupt counts as Ctrl-C."""
+    return 128 + (stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT)
+
+
 def check_finite(step: int, **values):
     """Stop at the first NaN/inf loss or gradient norm, before the optimiser step: one such update turns
     every weight into NaN, and the next save would write them over the last good checkpoint."""
@@ -770,16 +776,15 @@ def main(args: Args) -> dict:
                 ev = run_eval(done) or ev
                 save(done)
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: save where we are and say how to continue (an
-        # interrupt inside an update may leave part of it in the weights; --resume repeats that step, so not bit-exact)
+        # interrupt inside an update may leave part of it in the weights; --resume repeats that step, so not
+        # bit-exact)
         bar.close()
         save(done)
         if rank == 0:
             writer.close()
             print(f"\ninterrupted at step {done}: saved {ckpt_path}; continue with the same command plus "
                   f"--resume --output-dir {output_dir}")
-        signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT  # SIGTERM's number
-        raise SystemExit(128 + signum)  # the shell's status for that signal (Ctrl-C: 130), as if it had ended the
-        # process: a calling script stops
+        raise SystemExit(interrupt_exit_status(stop))
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
 
