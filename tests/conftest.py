@@ -27,6 +27,25 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def interrupt_at_third_clip(monkeypatch, sig):
+    """Ctrl-C (SIGINT: a KeyboardInterrupt, what Python makes of it; a background job ignores a real SIGINT)
+    or `kill` (a real SIGTERM) at the third clip_grad_norm_ call of a training script: inside an optimiser step,
+    so the test sees what an interrupt in the middle of training saves."""
+    import signal
+
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_interrupt(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            if sig == "SIGINT":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+        return clip(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
+
+
 # --- VQ-GAN: a small synthetic dataset and tiny train_vqgan.py flags -------------------------------------
 TINY = dict(base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, codebook_size=32, embed_dim=8)
 

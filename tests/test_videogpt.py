@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_videogpt as tv
-from conftest import small_frames
+from conftest import interrupt_at_third_clip, small_frames
 
 H, W = 3, 2  # tiny token grid
 VOCAB = 11
@@ -315,17 +315,7 @@ def test_keep_every_must_fall_on_a_checkpoint_step(workdir, tmp_path):
 def test_ctrl_c_saves_and_exits_with_how_to_resume(workdir, tmp_path, monkeypatch, capsys, sig):
     import signal
 
-    clip, calls = torch.nn.utils.clip_grad_norm_, []
-
-    def ctrl_c_in_third_step(*a, **kw):  # clipped once per step: steps 1, 2 finish, step 3 is interrupted
-        calls.append(1)
-        if len(calls) == 3:
-            if sig == "SIGINT":  # what Ctrl-C does in Python (a background job ignores a real SIGINT)
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGTERM)
-        return clip(*a, **kw)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_in_third_step)
+    interrupt_at_third_clip(monkeypatch, sig)  # clipped once per step: steps 1, 2 finish, step 3 is interrupted
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:

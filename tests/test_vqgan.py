@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import train_vqgan as tv
-from conftest import make_dataset, vqgan_args
+from conftest import interrupt_at_third_clip, make_dataset, vqgan_args
 
 
 @pytest.mark.parametrize("mult,hw", [((1, 2, 2, 2), 8), ((1, 2, 2), 16)])
@@ -225,17 +225,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
 
     data = make_dataset(tmp_path / "data")
     tv.main(vqgan_args(data, tmp_path / "a", total_steps=4))
-    clip, calls = torch.nn.utils.clip_grad_norm_, []
-
-    def ctrl_c_in_third_update(*a, **kw):  # steps 0, 1 clip once each; step 2 (first GAN step) is interrupted
-        calls.append(1)
-        if len(calls) == 3:
-            if sig == "SIGINT":  # what Ctrl-C does in Python (a background job ignores a real SIGINT)
-                raise KeyboardInterrupt
-            os.kill(os.getpid(), signal.SIGTERM)
-        return clip(*a, **kw)
-
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", ctrl_c_in_third_update)
+    interrupt_at_third_clip(monkeypatch, sig)  # steps 0, 1 clip once each; step 2 (first GAN step) is interrupted
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as stop:
         try:
