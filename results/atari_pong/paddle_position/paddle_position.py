@@ -20,6 +20,9 @@ import sys
 import numpy as np
 from PIL import Image
 
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
+import eval as ev  # noqa: E402  (load_episode: the project's episode reader, errors name the file)
+
 
 def paddle_y(frames):
     """[T, 64, 64, 3] uint8 -> [T] paddle height (NaN where no paddle pixel is found)."""
@@ -57,7 +60,8 @@ def stats(frames):
     ok = near.sum() > 2 and y_all[near].std() > 0 and ball[near, 0].std() > 0  # a paddle that never moves: no corr
     corr = float(np.corrcoef(y_all[near], ball[near, 0])[0, 1]) if ok else float("nan")
     y = y_all[~np.isnan(y_all)]
-    return dict(frames=int(len(y)), ball_corr=round(corr, 3), ball_frames=int(near.sum()), y_mean=round(float(y.mean()), 2), y_std=round(float(y.std()), 2),
+    return dict(frames=int(len(y)), ball_corr=round(corr, 3), ball_frames=int(near.sum()),
+                y_mean=round(float(y.mean()), 2), y_std=round(float(y.std()), 2),
                 y_p5=round(float(np.percentile(y, 5)), 1), y_p95=round(float(np.percentile(y, 95)), 1),
                 mean_abs_dy=round(float(np.abs(np.diff(y)).mean()), 3))
 
@@ -69,14 +73,14 @@ def main(out_path, runs):
         files = sorted(glob.glob(pattern))
         if not files:
             raise SystemExit(f"no episode files match {pattern}: run the README's Pong data commands first")
-        result[name] = stats(np.concatenate([np.load(f)["video"] for f in files]))
+        result[name] = stats(np.concatenate([ev.load_episode(f)[0] for f in files]))
     for spec in runs:
         label, run_dir = spec.split("=", 1)
-        gifs = sorted(glob.glob(os.path.join(run_dir, "eval_*.gif")), key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0]))
+        gifs = sorted((int(re.findall(r"\d+", os.path.basename(g))[0]), g)
+                      for g in glob.glob(os.path.join(run_dir, "eval_*.gif")))
         if not gifs:
             raise SystemExit(f"no eval_<step>.gif in {run_dir}")
-        for g in gifs:
-            step = int(re.findall(r"\d+", os.path.basename(g))[0])
+        for step, g in gifs:
             result[f"{label} @ {step}"] = stats(gif_frames(g))
     for k, v in result.items():
         print(f"{k:32s} " + "  ".join(f"{a} {b}" for a, b in v.items()))
