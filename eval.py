@@ -74,6 +74,9 @@ class AgentArgs:
     sample: bool = False
     """act with samples of the policy (DreamerV3's own evaluation) instead of its mode (the training
     script's evaluation)"""
+    write_final: bool = True
+    """record this evaluation in the run's run.json as its final result (final_return_*, read by the results
+    tables); --no-write-final for a quick look that must not replace it"""
 
 
 @dataclass
@@ -456,7 +459,7 @@ def eval_agent(args: AgentArgs):
     if gif:
         save_gif(os.path.join(args.output_dir, "episodes.gif"), np.concatenate(gif), fps=20)
     run_json = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "run.json")
-    if os.path.isfile(run_json) and not args.sample:  # the run's final result, for the results tables
+    if os.path.isfile(run_json) and args.write_final and not args.sample:  # the run's final result, for the tables
         with open(run_json) as f:
             info = json.load(f)
         info.update(final_return_mean=round(summary["mean_return"], 2), final_return_std=round(summary["std_return"], 2),

@@ -1072,6 +1072,11 @@ def final_report(args, reward_model, tasks, files, codes, eval_clips, entropy, o
                 if len(expert) and len(rand):
                     report[f"{task}/auroc"] = auroc(expert, rand)
                     line += f", per-window AUROC {report[f'{task}/auroc']:.3f} ({len(expert)} vs {len(rand)} windows)"
+                    # the agent's reward scale: random policy -> 0, expert -> 1 (eval.py reference measures the
+                    # same on the agent's own environment, more slowly)
+                    lo, hi = round(float(rand.mean())), round(float(expert.mean()))
+                    if lo < hi:
+                        line += f"\n  for the agent: train_viper_dreamer.py --density-bounds {lo} {hi}"
         print(line)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(report, f, indent=1)

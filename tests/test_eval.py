@@ -111,6 +111,9 @@ def test_eval_agent_writes_json_and_gif(tmp_path):
     again = ev.eval_agent(ev.AgentArgs(checkpoint=path, num_episodes=1, output_dir=str(out), sample=True))
     assert (summary["actions"], sampled["actions"]) == ("mode", "sample")
     assert sampled["returns"] != summary["returns"] and sampled["returns"] == again["returns"]  # seeded samples
+    assert json.loads((tmp_path / "run.json").read_text()) == info  # sampled actions are not the run's final
+    ev.eval_agent(ev.AgentArgs(checkpoint=path, num_episodes=1, seed=20_000, output_dir=str(out), write_final=False))
+    assert json.loads((tmp_path / "run.json").read_text()) == info  # nor is a quick look
     with pytest.raises(SystemExit, match="expected a videogpt"):
         ev.load_checkpoint(path, "videogpt")
 

@@ -1,4 +1,5 @@
 """train_videogpt.py: the transformer, the VIPER reward, sampling, checkpoints and a smoke run."""
+import json
 import os
 
 import numpy as np
@@ -169,6 +170,9 @@ def test_training_smoke_resume_and_report(workdir, capsys):
     text = capsys.readouterr().out
     assert "held-out NLL per token" in text and "unigram entropy" in text and "AUROC" in text
     assert "7 train / 2 test episodes" in text  # dmc_b/train has 3 npz + 1 mp4
+    report = json.load(open(os.path.join(out, "results.json")))
+    lo, hi = round(report["dmc_a/random_reward"]), round(report["dmc_a/expert_reward"])
+    assert (f"--density-bounds {lo} {hi}" in text) == (lo < hi)  # the agent's bounds, from this model's own check
 
     tv.main(tv.Args(total_steps=30, resume=True, **common))  # continues at step 20 from the cached tokens
     text = capsys.readouterr().out
