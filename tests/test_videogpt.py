@@ -81,6 +81,19 @@ def test_rewards_match_naive_window_loop(skip, mode):
         torch.testing.assert_close(r[:, 0], rm.rewards_from_codes(codes, "b", "joint")[:, 0])
 
 
+@pytest.mark.parametrize("mode", ["conditional", "joint"])
+def test_bf16_rewards_stay_near_fp32(mode):
+    """RewardModel(bf16=True) (the agent's --reward-precision bf16): the transformer's matmuls run in bf16,
+    which moves each reward by a small fraction of a nat; the rewards still come back as fp32."""
+    m = tiny_model(4, num_classes=2)
+    codes = random_codes(2, 9, H, W)
+    r32 = tv.RewardModel(m, torch.nn.Identity(), 4, 2, {"a": 0, "b": 1}).rewards_from_codes(codes, "b", mode)
+    r16 = tv.RewardModel(m, torch.nn.Identity(), 4, 2, {"a": 0, "b": 1}, bf16=True).rewards_from_codes(codes, "b", mode)
+    assert r16.dtype == torch.float32 and r16.shape == r32.shape
+    assert not torch.equal(r16, r32)  # bf16 really ran
+    assert (r16 - r32).abs().max() < 0.05
+
+
 def test_class_conditioning_and_unknown_task():
     m = tiny_model(num_classes=2)
     with torch.no_grad():  # a trained model would rely on it; an untrained one must at least see it

@@ -68,6 +68,20 @@ def test_density_bounds_rescale_the_stored_reward_not_the_logged_one(videogpt_pa
             td.validate(viper_args(tmp_path, model, density_bounds=bounds, reward=reward))
 
 
+def test_reward_precision_flag_reaches_the_reward_model(videogpt_path, tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    assert td.reward_bf16("fp32", cpu) is False and td.reward_bf16("bf16", cpu) is True
+    assert td.reward_bf16("auto", torch.device("cuda")) is True
+    for native in (True, False):  # auto follows the CPU's bf16 support
+        monkeypatch.setattr(td, "native_bf16", lambda device, native=native: native)
+        assert td.reward_bf16("auto", cpu) is native
+        args = viper_args(tmp_path, videogpt_path, reward_precision="auto")
+        assert td.load_reward_model(args, cpu, 64).bf16 is native
+    for precision in ("fp32", "bf16"):
+        rm = td.load_reward_model(viper_args(tmp_path, videogpt_path, reward_precision=precision), cpu, 64)
+        assert rm.bf16 is (precision == "bf16")
+
+
 def test_task_reward_labeler_passes_the_env_reward_through():
     labeler = td.StepRewards(td.Args())
     assert labeler.fields == ("task",)
@@ -244,6 +258,7 @@ def test_smoke_run_writes_checkpoint_eval_and_logs(runs):
     info = json.loads((out / "run.json").read_text())  # what a results table needs
     assert info["env_id"] == TASK and info["reward"] == "viper" and info["env_steps"] == 200 and info["seed"] == 0
     assert info["wall_time_s"] > 0 and info["command"].startswith("python ") and info["commit"]
+    assert info["reward_precision"] == "fp32"  # the default
     with open(out / "episodes.csv") as f:  # the same episodes, as a file the plots and results are made from
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [50, 100, 150, 200] and {r["length"] for r in rows} == {str(EPISODE)}
@@ -260,6 +275,7 @@ def test_each_replayed_step_is_scored_once(runs, videogpt_path):
         data = {k: f[k] for k in ["image", "density", "is_first"]}
     assert len(data["density"]) == len(calls)
     ref = reference(videogpt_path)
+    ref.bf16 = json.loads((out / "run.json").read_text())["reward_precision"] == "bf16"  # as the run scored
     bounds = list(np.flatnonzero(data["is_first"])) + [len(calls)]
     assert len(bounds) == episodes_started + 1
     for s, e in zip(bounds[:-1], bounds[1:]):  # stored rewards == scoring each whole episode afterwards
