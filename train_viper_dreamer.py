@@ -1059,7 +1059,7 @@ def main(args: Args):
     name = "viper" if args.reward == "viper" else "dreamer"
     out = args.output_dir or os.path.join("runs", f"{args.env_id}__{name}__{args.seed}__{int(time.time())}")
     files = run_files(out, args.resume)  # paths of agent.pt, replay.npz, ...; refuses to overwrite a run
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    device = run_device(args)
     # VIPER: the frozen video model (checked before anything is written; make_env gives 64px frames)
     reward_model = load_reward_model(args, device, 64) if args.reward == "viper" else None
     os.makedirs(out, exist_ok=True)
@@ -1442,6 +1442,11 @@ def validate(args):
                          "build Args(**preset(reward='viper'), ...) to get VIPER's defaults")
 
 
+def run_device(args):
+    """--cuda and what this machine has -> the device the run trains and scores on."""
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
 def native_bf16(device):
     """True where bf16 matmuls run in hardware: CUDA, or a CPU with AVX512-BF16 or AMX. Other CPUs emulate
     bf16 (measured ~70x slower than fp32 on one host)."""
@@ -1576,8 +1581,7 @@ def write_run_json(path, args, counters, launch):
     info.update(env_id=args.env_id, reward=args.reward, seed=args.seed, env_steps=counters["step"],
                 updates=counters["updates"], wall_time_s=round(counters["wall_time_s"], 1))
     if args.reward == "viper":  # what --reward-precision auto chose on this host
-        info["reward_precision"] = "bf16" if reward_bf16(args.reward_precision, torch.device(
-            "cuda" if args.cuda and torch.cuda.is_available() else "cpu")) else "fp32"
+        info["reward_precision"] = "bf16" if reward_bf16(args.reward_precision, run_device(args)) else "fp32"
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)
