@@ -51,6 +51,9 @@ class RewardArgs:
     """tasks to score (default: every task folder of data-dir that the model knows)"""
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """log p(x_t | window) (paper) or log p(window) (official code), as the agent's --reward-mode"""
+    reward_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """the video model's transformer blocks when scoring, as the agent's --reward-precision (bf16 moves
+    rewards by ~0.05 nats per step on average; README, reward scoring in bf16)"""
     max_steps: Optional[int] = None
     """score only the first N steps of each episode (faster; the true return is cut the same way)"""
     output_dir: str = "runs/eval_reward"
@@ -131,6 +134,9 @@ class ReferenceArgs:
     """the agent's --env-id (also the task label of a class-conditional model)"""
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """the agent's --reward-mode"""
+    reward_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """the video model's transformer blocks when scoring, as the agent's --reward-precision (bf16 moves
+    rewards by ~0.05 nats per step on average; README, reward scoring in bf16)"""
     data_dir: str = "data/experts"
     """expert episodes: <data-dir>/<env-id>/test/*.npz"""
     degraded_dir: Optional[str] = "data/degraded"
@@ -194,6 +200,9 @@ class ReplayArgs:
     """videogpt.pt to score the agent's frames with: its own reward model, or another one (would it pay these states?)"""
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """the agent's --reward-mode"""
+    reward_precision: Optional[Literal["fp32", "bf16", "auto"]] = None
+    """the video model's transformer blocks when scoring, as the agent's --reward-precision (default: the
+    precision the run scored its own frames in, from its run.json; fp32 for runs that predate the flag)"""
     episodes: int = 10
     """the replay's last complete episodes to score"""
     data_dir: str = "data/experts"
@@ -274,15 +283,21 @@ def load_checkpoint(path, kind):
     return ckpt
 
 
-def load_reward_model(path, cuda=True, task=None, decoder=False):
+def load_reward_model(path, cuda=True, task=None, decoder=False, precision="fp32"):
     """videogpt.pt -> RewardModel; with `task`, exits with the known tasks if the model has no label for it.
-    Its tokenizer is the VQ-GAN's encoder half (scoring), or with `decoder` the whole VQ-GAN (sampling)."""
+    Its tokenizer is the VQ-GAN's encoder half (scoring), or with `decoder` the whole VQ-GAN (sampling).
+    precision: the agent's --reward-precision (fp32, bf16, or auto: bf16 where the device has it natively)."""
     import torch
 
     from train_videogpt import load_videogpt, load_videogpt_with_decoder
+    from train_viper_dreamer import reward_bf16
 
     device = "cuda" if cuda and torch.cuda.is_available() else "cpu"
-    rm = (load_videogpt_with_decoder if decoder else load_videogpt)(load_checkpoint(path, "videogpt"), device)
+    ckpt = load_checkpoint(path, "videogpt")
+    if decoder:
+        rm = load_videogpt_with_decoder(ckpt, device)
+    else:
+        rm = load_videogpt(ckpt, device, bf16=reward_bf16(precision, torch.device(device)))
     if task is not None:
         try:
             rm.labels(task)
@@ -332,7 +347,7 @@ def eval_reward(args: RewardArgs):
     import torch
     from tqdm import tqdm
 
-    rm = load_reward_model(args.reward_model, args.cuda)
+    rm = load_reward_model(args.reward_model, args.cuda, precision=args.reward_precision)
     if not os.path.isdir(args.data_dir):
         sys.exit(f"error: data dir {args.data_dir!r} does not exist")
     folders = sorted(d for d in os.listdir(args.data_dir) if os.path.isdir(os.path.join(args.data_dir, d)))
@@ -346,7 +361,8 @@ def eval_reward(args: RewardArgs):
     for task in tasks:  # fail before any scoring if the model does not know a task (lists the known ones)
         rm.labels(task)
     os.makedirs(args.output_dir, exist_ok=True)
-    summary, curves = {"reward_model": args.reward_model, "mode": args.reward_mode, "tasks": {}}, {}
+    summary, curves = {"reward_model": args.reward_model, "mode": args.reward_mode,
+                       "reward_precision": "bf16" if rm.bf16 else "fp32", "tasks": {}}, {}
     for task in tasks:
         files = episode_files(args.data_dir, args.degraded_dir, task)
         if not files[0.0]:
@@ -728,7 +744,7 @@ def eval_reference(args: ReferenceArgs):
         sys.exit(f"error: --episodes must be >= 1, got {args.episodes}")
     if args.env_id not in cev.VALID_ENV_IDS:
         sys.exit(f"error: unknown --env-id {args.env_id!r}; valid ids: {', '.join(cev.VALID_ENV_IDS)}")
-    rm = load_reward_model(args.reward_model, args.cuda, task=args.env_id)
+    rm = load_reward_model(args.reward_model, args.cuda, task=args.env_id, precision=args.reward_precision)
     recorded = {}  # behaviour -> npz paths
     test = sorted(glob.glob(os.path.join(args.data_dir, args.env_id, "test", "*.npz")))
     if test:
@@ -778,7 +794,8 @@ def eval_reference(args: ReferenceArgs):
     agent_pos = "viper_position" if args.density_bounds is None else "bounded_position"  # what the agent maximises
     broken = {k: t[agent_pos] for k, t in table.items() if k in fixed_policies(env) and k != "random actions"
               and t[agent_pos] >= 0.5 and t[agent_pos] - t["true_position"] > 0.25}
-    summary = {"reward_model": args.reward_model, "env_id": args.env_id, "mode": args.reward_mode, "seed": args.seed,
+    summary = {"reward_model": args.reward_model, "env_id": args.env_id, "mode": args.reward_mode,
+               "reward_precision": "bf16" if rm.bf16 else "fp32", "seed": args.seed,
                "density_bounds": args.density_bounds, "segment_steps": REFERENCE_SEGMENT,
                "behaviours": table, "shortcuts": broken,
                "spearman_viper_vs_true_return": spearman([t["viper_return_mean"] for t in table.values()],
@@ -911,14 +928,16 @@ def eval_replay(args: ReplayArgs):
             sys.exit(f"error: {path!r} does not exist: --run takes an agent's output dir from train_viper_dreamer.py "
                      f"(it writes replay.npz unless run with --no-save-replay)")
     with open(info_path) as f:
-        env_id = json.load(f)["env_id"]
+        info = json.load(f)
+    env_id = info["env_id"]
+    precision = args.reward_precision or info.get("reward_precision", "fp32")
     paths = sorted(glob.glob(os.path.join(args.data_dir, env_id, "test", "*.npz")))
     if not paths:
         sys.exit(f"error: no expert episodes under {os.path.join(args.data_dir, env_id, 'test')!r}")
     episodes = replay_episodes(replay_path, args.episodes)
     if not episodes:
         sys.exit(f"error: no complete episode in {replay_path!r}")
-    rm = load_reward_model(args.reward_model, args.cuda, task=env_id)
+    rm = load_reward_model(args.reward_model, args.cuda, task=env_id, precision=precision)
     agent = [(episode_viper_rewards(rm, frames, env_id, args.reward_mode), task) for frames, task in episodes]
     expert = []
     for path in paths:
@@ -933,6 +952,7 @@ def eval_replay(args: ReplayArgs):
         lines.append(f"| {lo:.2f}–{hi:.2f} | {a[0]} | {fmt(a[1])} / {fmt(a[2])} | {e[0]} | {fmt(e[1])} / {fmt(e[2])} |")
     table = "\n".join(lines)
     summary = {"run": args.run, "reward_model": args.reward_model, "env_id": env_id, "mode": args.reward_mode,
+               "reward_precision": "bf16" if rm.bf16 else "fp32",
                "agent_episodes": len(agent), "expert_episodes": len(expert), "task_reward_edges": edges.tolist(),
                "agent": [dict(zip(("steps", "median", "mean"), r)) for r in a_rows],
                "expert": [dict(zip(("steps", "median", "mean"), r)) for r in e_rows]}

@@ -422,6 +422,15 @@ def test_replay_bins_the_agents_own_steps_by_task_reward(tmp_path, capsys):
     assert s["agent"][0]["steps"] == 5 and s["agent"][0]["mean"] == pytest.approx(float(low.mean()), rel=1e-5)
     assert s["agent"][1]["steps"] == 4 and s["expert"][1]["steps"] == 4  # the top edge (2.0) counts in the top bin
     assert "| 1.00–2.00 | 4 |" in capsys.readouterr().out and (out.parent / "replay.md").exists()
+    assert s["reward_precision"] == "fp32"  # a run.json without the field predates bf16 scoring
+    # a bf16-scored run is replayed in bf16 unless the flag says otherwise
+    (run / "run.json").write_text(json.dumps({"env_id": TASK, "reward_precision": "bf16"}))
+    kw = dict(run=str(run), reward_model=str(model), data_dir=str(tmp_path / "experts"), episodes=5, bins=2,
+              output=str(out), cuda=False)
+    b = ev.eval_replay(ev.ReplayArgs(**kw))
+    assert b["reward_precision"] == "bf16" and b["agent"][0]["mean"] != s["agent"][0]["mean"]
+    assert b["agent"][0]["mean"] == pytest.approx(s["agent"][0]["mean"], abs=0.5)
+    assert ev.eval_replay(ev.ReplayArgs(**kw, reward_precision="fp32"))["agent"] == s["agent"]
     with pytest.raises(SystemExit, match="replay.npz"):
         ev.eval_replay(ev.ReplayArgs(run=str(tmp_path / "nope"), reward_model=str(model), cuda=False))
 
