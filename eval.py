@@ -200,9 +200,9 @@ class ReplayArgs:
     """videogpt.pt to score the agent's frames with: its own reward model, or another one (would it pay these states?)"""
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """the agent's --reward-mode"""
-    reward_precision: Optional[Literal["fp32", "bf16", "auto"]] = None
-    """the video model's transformer blocks when scoring, as the agent's --reward-precision (default: the
-    precision the run scored its own frames in, from its run.json; fp32 for runs that predate the flag)"""
+    reward_precision: Literal["run", "fp32", "bf16", "auto"] = "run"
+    """the video model's transformer blocks when scoring, as the agent's --reward-precision; `run`: the
+    precision the run scored its own frames in, from its run.json (fp32 for runs that predate the flag)"""
     episodes: int = 10
     """the replay's last complete episodes to score"""
     data_dir: str = "data/experts"
@@ -930,7 +930,7 @@ def eval_replay(args: ReplayArgs):
     with open(info_path) as f:
         info = json.load(f)
     env_id = info["env_id"]
-    precision = args.reward_precision or info.get("reward_precision", "fp32")
+    precision = info.get("reward_precision", "fp32") if args.reward_precision == "run" else args.reward_precision
     paths = sorted(glob.glob(os.path.join(args.data_dir, env_id, "test", "*.npz")))
     if not paths:
         sys.exit(f"error: no expert episodes under {os.path.join(args.data_dir, env_id, 'test')!r}")
