@@ -51,7 +51,7 @@ class RewardArgs:
     """tasks to score (default: every task folder of data-dir that the model knows)"""
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """log p(x_t | window) (paper) or log p(window) (official code), as the agent's --reward-mode"""
-    reward_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    reward_precision: Literal["fp32", "bf16", "auto"] = "auto"
     """the video model's transformer blocks when scoring, as the agent's --reward-precision (bf16 moves
     rewards by ~0.05 nats per step on average; README, reward scoring in bf16)"""
     max_steps: Optional[int] = None
@@ -134,7 +134,7 @@ class ReferenceArgs:
     """the agent's --env-id (also the task label of a class-conditional model)"""
     reward_mode: Literal["conditional", "joint"] = "conditional"
     """the agent's --reward-mode"""
-    reward_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    reward_precision: Literal["fp32", "bf16", "auto"] = "auto"
     """the video model's transformer blocks when scoring, as the agent's --reward-precision (bf16 moves
     rewards by ~0.05 nats per step on average; README, reward scoring in bf16)"""
     data_dir: str = "data/experts"

@@ -107,12 +107,13 @@ class Args:
     expert's VIPER reward per step from `eval.py reference`. Log-likelihoods are <= 0, so where an episode
     can end early (an Atari game lost fast) their sum pays for ending it; rescaled, every step earns >= 0.
     Logged VIPER returns stay in nats"""
-    reward_precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    reward_precision: Literal["fp32", "bf16", "auto"] = "auto"
     """the video model's transformer blocks when scoring frames: `fp32`; `bf16` autocast (the output layer
     and the VQ-GAN stay fp32; with the 4,000-step Pong model a step scores in 0.56x the fp32 time on an AMD
-    EPYC with AVX512-BF16, and rewards of -7 to -66 nats move by 0.05 on average, 0.46 at most); `auto`: bf16
-    on CUDA and on CPUs with native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo), fp32 on others, which
-    emulate bf16 many times slower. Default fp32 until a same-seed learning check says bf16 learns the same"""
+    EPYC with AVX512-BF16, and rewards of -7 to -66 nats move by 0.05 on average, 0.46 at most; a same-seed
+    30k-step cartpole_balance run learned the same within noise); `auto`: bf16 on CUDA and on CPUs with
+    native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo), fp32 on others, which emulate bf16 many times
+    slower. run.json records the choice; runs made before this default scored in fp32"""
     allow_new_task: bool = False
     """score --env-id with a video model whose recorded training tasks do not include it (off: an error)"""
     reference_returns: Annotated[Optional[str], tyro.conf.arg(metavar="PATH", help_behavior_hint="(optional)")] = None
@@ -1450,7 +1451,7 @@ def run_device(args):
 def native_bf16(device):
     """True where bf16 matmuls run in hardware: CUDA, or a CPU with AVX512-BF16 or AMX. Other CPUs emulate
     bf16 (measured ~70x slower than fp32 on one host)."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return True
     try:
         with open("/proc/cpuinfo") as f:

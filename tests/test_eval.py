@@ -196,7 +196,9 @@ def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
     _write_episode(tmp_path / "deg" / TASK / "train" / "eps0.5_001000.npz", frames(7, 1), np.zeros(7, np.float32))
     out = tmp_path / "ref"
     # the expert's per-step rewards as the agent's insert-time labeler gives them (nats, then --density-bounds)
-    rm = td.load_videogpt(torch.load(model, weights_only=False), "cpu")
+    # in the precision both default to (--reward-precision auto: bf16 on a CPU with native bf16)
+    rm = td.load_videogpt(torch.load(model, weights_only=False), "cpu",
+                          bf16=td.reward_bf16(td.Args.reward_precision, torch.device("cpu")))
     labeler = td.StepRewards(viper_args(tmp_path, model), rm)
     labeler.reset(expert[0])
     nats = [labeler(f, 0.0)["density"] for f in expert[1:]]
@@ -214,6 +216,7 @@ def test_reference_scores_behaviours_with_the_agents_labeler(tmp_path):
             reward_model=model, env_id=TASK, data_dir=str(tmp_path / "experts"), degraded_dir=str(tmp_path / "deg"),
             episodes=2, density_bounds=bounds, output_dir=str(out)))
     table = summary["behaviours"]
+    assert summary["reward_precision"] == ("bf16" if rm.bf16 else "fp32")
     assert list(table) == ["expert (test split)", "expert, epsilon 0.5", "random actions", "zero actions",
                            "constant +1", "constant -1"]
     assert table["expert (test split)"]["true_return_mean"] == 9.0 and table["zero actions"]["episodes"] == 2

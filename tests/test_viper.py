@@ -258,7 +258,7 @@ def test_smoke_run_writes_checkpoint_eval_and_logs(runs):
     info = json.loads((out / "run.json").read_text())  # what a results table needs
     assert info["env_id"] == TASK and info["reward"] == "viper" and info["env_steps"] == 200 and info["seed"] == 0
     assert info["wall_time_s"] > 0 and info["command"].startswith("python ") and info["commit"]
-    assert info["reward_precision"] == "fp32"  # the default
+    assert info["reward_precision"] == ("bf16" if td.native_bf16(torch.device("cpu")) else "fp32")  # auto, the default
     with open(out / "episodes.csv") as f:  # the same episodes, as a file the plots and results are made from
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [50, 100, 150, 200] and {r["length"] for r in rows} == {str(EPISODE)}
