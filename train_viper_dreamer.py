@@ -36,7 +36,8 @@ Deliberate deviations from the paper and the official code:
   * One env, one replay stream; every replayed chunk starts from the learned initial latent; `--prefill`.
   * Evaluation acts with the policy's mode (`eval.py agent --sample` samples, as the official eval does).
   * The replay stores the clipped action; no bias before LayerNorm; prior logits computed after the
-    posterior loop (same values, fewer sequential ops); bf16 autocast on CUDA only, fp32 on CPU.
+    posterior loop (same values, fewer sequential ops); the agent trains in bf16 autocast on CUDA only,
+    fp32 on CPU; the video model scores frames in bf16 wherever bf16 is native (--reward-precision auto).
   * VIPER: no step is dropped at episode starts (official: the first 15), step 0 is scored; no task head
     at all with --task-scale 0 (official: trained outside the gradients, for logs); disagreement
     from (h_t, z_t, a_t) -> z_{t+1} (Plan2Explore's definition; DreamerV3's code uses the arrival state);
