@@ -50,12 +50,13 @@ def main():
     print(f"{a.reward_model}: {len(files)} episodes x {a.steps} steps; native bf16: "
           f"{td.native_bf16(torch.device('cpu'))}; {a.threads} thread(s)")
     diffs = []
+    task = lambda f: os.path.basename(os.path.dirname(os.path.dirname(f)))  # <dir>/<task>/<split>/x.npz: the label
     for f in files:
         codes = rm.encode(np.load(f)["video"][:a.steps][None])
         rm.bf16 = False
-        r32 = rm.rewards_from_codes(codes)
+        r32 = rm.rewards_from_codes(codes, task(f))
         rm.bf16 = True
-        r16 = rm.rewards_from_codes(codes)
+        r16 = rm.rewards_from_codes(codes, task(f))
         diffs.append((r16 - r32).abs().flatten())
         print(f"  {f}: mean reward fp32 {r32.mean():.3f}, bf16 {r16.mean():.3f}")
     d = torch.cat(diffs)
@@ -68,7 +69,7 @@ def main():
             t0 = time.perf_counter()
             for t in range(keep, len(codes)):
                 window = codes[t - keep + 1:t + 1]
-                rm.rewards_from_codes(window[None], first_step=len(window) - 1)
+                rm.rewards_from_codes(window[None], task(files[0]), first_step=len(window) - 1)
             best[bf16] = min(best[bf16], (time.perf_counter() - t0) / (len(codes) - keep))
     print(f"\n| precision | ms per scored step | |reward - fp32| mean / 99th pct / max (nats) |")
     print(f"|---|---|---|")
