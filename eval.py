@@ -297,7 +297,7 @@ def load_reward_model(path, cuda=True, task=None, decoder=False, precision="fp32
     if decoder:
         rm = load_videogpt_with_decoder(ckpt, device)
     else:
-        rm = load_videogpt(ckpt, device, bf16=reward_bf16(precision, torch.device(device)))
+        rm = load_videogpt(ckpt, device, bf16=reward_bf16(precision, device))
     if task is not None:
         try:
             rm.labels(task)

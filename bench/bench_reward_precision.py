@@ -34,6 +34,11 @@ def episodes(data_dir, split, n):
     return files[:n]
 
 
+def task(path):
+    """<dir>/<task>/<split>/x.npz -> <task>, the label a class-conditional model scores the episode with."""
+    return os.path.basename(os.path.dirname(os.path.dirname(path)))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reward-model", required=True, help="videogpt.pt (train_videogpt.py)")
@@ -50,7 +55,6 @@ def main():
     print(f"{a.reward_model}: {len(files)} episodes x {a.steps} steps; native bf16: "
           f"{td.native_bf16(torch.device('cpu'))}; {a.threads} thread(s)")
     diffs = []
-    task = lambda f: os.path.basename(os.path.dirname(os.path.dirname(f)))  # <dir>/<task>/<split>/x.npz: the label
     for f in files:
         codes = rm.encode(np.load(f)["video"][:a.steps][None])
         rm.bf16 = False
@@ -62,6 +66,7 @@ def main():
     d = torch.cat(diffs)
     keep = (rm.seq_len - 1) * rm.frame_skip + 1  # the codes a window can reach, as StepRewards keeps them
     codes = rm.encode(np.load(files[0])["video"][:keep + a.timed_steps][None])[0]
+    label = task(files[0])
     best = {False: float("inf"), True: float("inf")}
     for _ in range(a.reps):
         for bf16 in (False, True):
@@ -69,7 +74,7 @@ def main():
             t0 = time.perf_counter()
             for t in range(keep, len(codes)):
                 window = codes[t - keep + 1:t + 1]
-                rm.rewards_from_codes(window[None], task(files[0]), first_step=len(window) - 1)
+                rm.rewards_from_codes(window[None], label, first_step=len(window) - 1)
             best[bf16] = min(best[bf16], (time.perf_counter() - t0) / (len(codes) - keep))
     print(f"\n| precision | ms per scored step | |reward - fp32| mean / 99th pct / max (nats) |")
     print(f"|---|---|---|")

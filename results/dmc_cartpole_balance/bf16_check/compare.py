@@ -8,12 +8,14 @@ evals (eval.csv), the 20-episode final evaluations and the training episodes' re
 usage (from the repository root): python results/dmc_cartpole_balance/bf16_check/compare.py \
     runs/balance_viper_fp32_s0 runs/balance_viper_bf16_s0 OUT.json
 """
-import csv
 import json
 import os
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
+import eval as ev  # noqa: E402  (read_eval_csv, read_episodes: the project's own readers of a run's files)
 
 
 def main(fp32_run, bf16_run, out):
@@ -27,13 +29,9 @@ def main(fp32_run, bf16_run, out):
                "abs_diff_mean": float(diff.mean()), "abs_diff_p99": float(np.percentile(diff, 99)),
                "abs_diff_max": float(diff.max())}
     for name, run in (("fp32", fp32_run), ("bf16", bf16_run)):
-        with open(os.path.join(run, "eval.csv")) as f:
-            evals = {int(r["step"]): float(r["return"]) for r in csv.DictReader(f)}
-        with open(os.path.join(run, "episodes.csv")) as f:
-            rows = list(csv.DictReader(f))
-        step = np.array([int(r["step"]) for r in rows])
-        ret = np.array([float(r["return"]) for r in rows])
-        vip = np.array([float(r["viper_return"]) for r in rows])
+        evals = ev.read_eval_csv(os.path.join(run, "eval.csv"))
+        episodes = ev.read_episodes(run)
+        step, ret, vip = episodes["step"], episodes["return"], episodes["viper_return"]
         bins = [(0, 10000), (10000, 20000), (20000, 30000)]
         summary[name] = {"evals": evals,
                          "train_return_by_10k": [round(float(ret[(step > lo) & (step <= hi)].mean()), 1) for lo, hi in bins],
