@@ -108,6 +108,13 @@ class Args:
     expert's VIPER reward per step from `eval.py reference`. Log-likelihoods are <= 0, so where an episode
     can end early (an Atari game lost fast) their sum pays for ending it; rescaled, every step earns >= 0.
     Logged VIPER returns stay in nats"""
+    background_model: Annotated[Optional[str], tyro.conf.arg(
+        metavar="PATH", help_behavior_hint="(default: off, the density is the reward model's log-likelihood)")] = None
+    """a second videogpt.pt, trained with the same recipe on random play of this env: the density becomes the
+    likelihood ratio log p(x_t | window) - log p_background(x_t | window), so frames that any player shows (on
+    Pong, the reset after a point, which the expert model predicts best of all) earn about nothing and
+    expert-like play earns most (results/atari_pong/reward_ratio). Not in the paper or the official code.
+    --density-bounds then apply to the ratio"""
     reward_precision: Literal["fp32", "bf16", "auto"] = "auto"
     """the video model's transformer blocks when scoring frames: `fp32`; `bf16` autocast (the output layer
     and the VQ-GAN stay fp32; with the 4,000-step Pong model a step scores in 0.56x the fp32 time on an AMD
@@ -179,6 +186,10 @@ class Args:
     threads: int = 1
     """torch CPU threads: 2 make an update 1.42x faster on an idle 2-core CPU (bench/bench_threads.py); 1 when
     the cores run other jobs too (two runs on 1 thread each do 1.36x the work of one run on 2)"""
+    compile: bool = False
+    """torch.compile the world-model loss and the imagination rollout (forward and backward): an oracle update
+    at the CPU recipe 1.27x faster (bench/bench_precision.py), after 2-5 min of compiling at the first update
+    (cached for later runs); needs a C++ compiler. Same random numbers as eager, floats differ by rounding"""
 
 
 # Model sizes: GRU units, dense units, CNN multiplier, MLP layers, latents, classes per latent.
@@ -703,28 +714,39 @@ class StepRewards:
     of L frames with skip k can reach) and the new step alone is scored (`first_step`=last), which equals
     `compute_rewards` over the whole episode. The reset frame is scored too (log p(x_0)): 0 would be the
     best possible log-likelihood, and the density head would learn that reset-like states are expert-like.
+    With a background model (--background-model) the density is the log-likelihood ratio of the two models,
+    each scoring the frame in its own window (its own codes).
     """
 
-    def __init__(self, args, reward_model=None):
+    def __init__(self, args, reward_model=None, background=None):
         self.env_id, self.mode, self.rm, self.bounds = args.env_id, args.reward_mode, reward_model, args.density_bounds
-        self.log_p = 0.0  # the last scored frame's log-likelihood in nats, before --density-bounds (for logs)
+        self.background = background
+        self.log_p = 0.0  # the last scored frame's log-likelihood (ratio) in nats, before --density-bounds (logs)
         self.fields = ("task",) if reward_model is None else ("task", "density")
-        self.keep = None if reward_model is None else (reward_model.seq_len - 1) * reward_model.frame_skip + 1
-        self.codes = None  # the current episode's last `keep` codes [n, h, w]
+        self.codes = None  # the current episode's last codes [n, h, w], as many as a window can reach
+        self.background_codes = None  # the same for the background model
         self.seconds = 0.0  # wall time spent encoding and scoring (logged as a share of the run's)
+
+    def _log_p(self, rm, codes, frame):
+        """Encode the new frame, append it to the episode's codes, score it: (log p of the frame, codes kept)."""
+        code = rm.encode(np.ascontiguousarray(frame)[None, None])[0]  # [1, h, w]
+        keep = (rm.seq_len - 1) * rm.frame_skip + 1  # all a window of L frames with skip k can reach
+        codes = code if codes is None else torch.cat([codes, code])[-keep:]
+        r = rm.rewards_from_codes(codes[None], self.env_id, self.mode, first_step=len(codes) - 1)
+        return float(r[0, 0]), codes
 
     def _density(self, frame):
         t0 = time.perf_counter()
-        code = self.rm.encode(np.ascontiguousarray(frame)[None, None])[0]  # [1, h, w]
-        self.codes = code if self.codes is None else torch.cat([self.codes, code])[-self.keep:]
-        r = self.rm.rewards_from_codes(self.codes[None], self.env_id, self.mode, first_step=len(self.codes) - 1)
+        self.log_p, self.codes = self._log_p(self.rm, self.codes, frame)
+        if self.background is not None:
+            log_p, self.background_codes = self._log_p(self.background, self.background_codes, frame)
+            self.log_p -= log_p
         self.seconds += time.perf_counter() - t0
-        self.log_p = float(r[0, 0])
         return self.log_p if self.bounds is None else float(density_bounded(self.log_p, *self.bounds))
 
     def reset(self, frame):
         """A new episode starts with this (reset) frame; returns the fields of that first step."""
-        self.codes = None
+        self.codes = self.background_codes = None
         return {"task": 0.0} if self.rm is None else {"task": 0.0, "density": self._density(frame)}
 
     def __call__(self, frame, env_reward):
@@ -820,6 +842,20 @@ def apply_gradients(opt, loss, params, clip):
     norm = nn.utils.clip_grad_norm_(params, clip)
     opt.step()
     return norm.item()
+
+
+def compile_update(agent):
+    """--compile: torch.compile the two parts of an update made of many small sequential ops, the world-model
+    loss (encoder, the RSSM's observe loop over the batch's steps, decoder, heads) and the imagination rollout;
+    their backward passes are compiled with them. Inductor fuses the elementwise ops between the matmuls and
+    convolutions, so an update spends less time between them. The actor and critic losses stay eager: compiling
+    them measured no faster. fallback_random: the compiled code draws the same random numbers as eager code."""
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    agent.world_model_loss = torch.compile(agent.world_model_loss)
+    agent.imagine = torch.compile(agent.imagine)
+    return agent
 
 
 class Dreamer(nn.Module):
@@ -919,9 +955,10 @@ class Dreamer(nn.Module):
         losses["dyn"], losses["rep"] = torch.clamp(dyn, min=KL_FREE), torch.clamp(rep, min=KL_FREE)
         scales = {"dyn": KL_DYN, "rep": KL_REP}
         loss = sum(scales.get(k, 1.0) * v.mean() for k, v in losses.items())
-        metrics = {f"loss/{k}": v.mean().item() for k, v in losses.items()}
-        metrics.update({"world_model/kl": dyn.mean().item(), "world_model/post_entropy":
-                        -(post_logits.exp() * post_logits).sum((-2, -1)).mean().item()})
+        # tensors, read by train_step: .item() here would break a compiled graph in two
+        metrics = {f"loss/{k}": v.detach().mean() for k, v in losses.items()}
+        metrics.update({"world_model/kl": dyn.detach().mean(), "world_model/post_entropy":
+                        -(post_logits.exp() * post_logits).detach().sum((-2, -1)).mean()})
         return loss, post, metrics
 
     def imagine(self, start, start_cont, backprop):
@@ -978,6 +1015,7 @@ class Dreamer(nn.Module):
 
         with autocast:
             model_loss, post, metrics = self.world_model_loss(batch)
+        metrics = {k: v.item() for k, v in metrics.items()}
         metrics["grad_norm/model"] = apply_gradients(self.model_opt, model_loss, self.world_model.parameters(),
                                                      MODEL_CLIP)
         if self.ensemble is not None:
@@ -1064,6 +1102,8 @@ def main(args: Args):
     device = run_device(args)
     # VIPER: the frozen video model (checked before anything is written; make_env gives 64px frames)
     reward_model = load_reward_model(args, device, 64) if args.reward == "viper" else None
+    background = (load_reward_model(args, device, 64, args.background_model, "--background-model")
+                  if args.background_model else None)
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -1074,7 +1114,9 @@ def main(args: Args):
     env, eval_env = make_env(args.env_id, args.seed), make_env(args.env_id, args.seed + 1)
     act_dim, discrete = action_spec(env)
     agent = Dreamer(args, act_dim, discrete).to(device)
-    labeler = StepRewards(args, reward_model)
+    if args.compile:
+        compile_update(agent)
+    labeler = StepRewards(args, reward_model, background)
     replay = Replay(args.replay_capacity, env.observation_space.shape, act_dim, labeler.fields)
     keep_freed_memory()  # after the replay's lazy allocation
     # episode_returns: (VIPER, task) returns of the last CORR_EPISODES episodes; wall_time_s: summed over resumes
@@ -1088,7 +1130,8 @@ def main(args: Args):
     log = RunLog(out, args, counters, load_references(args))
 
     def episode_state():  # what a checkpoint needs to continue this episode exactly (see continue_episode)
-        return dict(carry=carry, ep_ret=ep_ret, ep_viper=ep_viper, ep_len=ep_len, codes=labeler.codes)
+        return dict(carry=carry, ep_ret=ep_ret, ep_viper=ep_viper, ep_len=ep_len, codes=labeler.codes,
+                    background_codes=labeler.background_codes)
 
     if obs is None:
         obs = new_episode(env, replay, labeler, args.seed, counters["episodes"], act_dim)
@@ -1224,7 +1267,7 @@ def continue_episode(env, replay, labeler, episode, seed, discrete):
         tqdm.write("warning: replaying the interrupted episode's actions did not reproduce its last frame; "
                    "a new episode starts (the run goes on, but not exactly as an uninterrupted one)")
         return None
-    labeler.codes = episode["codes"]
+    labeler.codes, labeler.background_codes = episode["codes"], episode.get("background_codes")
     return obs
 
 
@@ -1423,6 +1466,11 @@ def validate(args):
         raise ValueError("--reward viper needs --reward-model PATH (videogpt.pt written by train_videogpt.py)")
     if args.reward == "task" and args.reward_model:
         raise ValueError("--reward-model is only used with --reward viper")
+    if args.background_model and args.reward != "viper":
+        raise ValueError("--background-model divides the video model's likelihood: it needs --reward viper")
+    if args.background_model and args.reference_returns:
+        raise ValueError("--reference-returns are VIPER returns without --background-model (eval.py reference "
+                         "scores the reward model alone): drop one of the two flags")
     if args.density_bounds is not None:
         if args.reward != "viper":
             raise ValueError("--density-bounds rescales the video model's reward: it needs --reward viper")
@@ -1467,24 +1515,25 @@ def reward_bf16(precision, device):
     return native_bf16(device) if precision == "auto" else precision == "bf16"
 
 
-def load_reward_model(args, device, frame_size):
-    """videogpt.pt -> RewardModel, checked against this run: its class map must know --env-id (the task
-    label) and its VQ-GAN must take the env's frames."""
-    if not os.path.isfile(args.reward_model):
-        raise FileNotFoundError(f"--reward-model {args.reward_model!r} does not exist")
-    ckpt = torch.load(args.reward_model, map_location="cpu", weights_only=False)
+def load_reward_model(args, device, frame_size, path=None, flag="--reward-model"):
+    """videogpt.pt (--reward-model, or `path` given as `flag`) -> RewardModel, checked against this run: its
+    class map must know --env-id (the task label) and its VQ-GAN must take the env's frames."""
+    path = path or args.reward_model
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     rm = load_videogpt(ckpt, device, bf16=reward_bf16(args.reward_precision, device))
     rm.labels(args.env_id)  # raises, listing the known tasks, if the class map lacks this one
     tasks = ckpt.get("tasks")  # an unconditional model has no class map: its training tasks say what it knows
     if tasks is not None and args.env_id not in tasks and not args.allow_new_task:
-        raise ValueError(f"--reward-model {args.reward_model!r} was trained on {tasks}, not on {args.env_id!r}: "
+        raise ValueError(f"{flag} {path!r} was trained on {tasks}, not on {args.env_id!r}: "
                          f"its likelihood does not describe this task (add --allow-new-task to use it anyway)")
     for module in (rm.model, rm.vqgan):
         if not all(torch.isfinite(p).all() for p in module.state_dict().values() if p.is_floating_point()):
-            raise ValueError(f"--reward-model {args.reward_model!r} has non-finite (NaN/inf) weights: retrain it "
+            raise ValueError(f"{flag} {path!r} has non-finite (NaN/inf) weights: retrain it "
                              f"(train_videogpt.py / train_vqgan.py with a lower learning rate)")
     if rm.vqgan.image_size != frame_size:
-        raise ValueError(f"--reward-model {args.reward_model!r} takes {rm.vqgan.image_size}px frames; "
+        raise ValueError(f"{flag} {path!r} takes {rm.vqgan.image_size}px frames; "
                          f"{args.env_id} gives {frame_size}px")
     return rm
 

@@ -47,6 +47,30 @@ def test_insert_time_rewards_equal_compute_rewards(tmp_path, mode, skip):
     assert r0 < 0 and r0 == pytest.approx(float(ref.compute_rewards(video[:1][None], TASK, "joint")[0, 0]), abs=1e-4)
 
 
+def test_background_model_makes_the_density_a_likelihood_ratio(tmp_path):
+    """--background-model: each step's density = the reward model's log p minus the background model's, each
+    model scoring the frame in its own window (here a different window length and skip), as compute_rewards
+    would over the whole episode; the background's codes restart with each episode."""
+    expert = make_videogpt(tmp_path / "expert.pt", seq_len=3, frame_skip=2, seed=0)
+    other = make_videogpt(tmp_path / "background.pt", seq_len=2, frame_skip=1, seed=1)
+    args = viper_args(tmp_path, expert, background_model=other)
+    rm, bg = (td.load_reward_model(args, "cpu", 64, p, "--background-model") for p in (expert, other))
+    labeler = td.StepRewards(args, rm, bg)
+    for T, seed in [(9, 0), (5, 1)]:  # a second episode after the first: nothing carries over
+        video = frames(T, seed)
+        got = [labeler.reset(video[0])["density"]] + [labeler(f, 0.0)["density"] for f in video[1:]]
+        expected = rm.compute_rewards(video[None], TASK)[0] - bg.compute_rewards(video[None], TASK)[0]
+        torch.testing.assert_close(torch.tensor(got), expected, rtol=1e-5, atol=1e-4)
+        assert labeler.log_p == pytest.approx(got[-1])  # logged in nats: the ratio
+    same = td.StepRewards(args, rm, rm)  # a model against itself: every frame earns exactly nothing
+    video = frames(6, 2)
+    assert [same.reset(video[0])["density"]] + [same(f, 0.0)["density"] for f in video[1:]] == [0.0] * 6
+    with pytest.raises(ValueError, match="needs --reward viper"):
+        td.validate(td.Args(background_model=other))
+    with pytest.raises(FileNotFoundError, match="--background-model"):
+        td.load_reward_model(args, "cpu", 64, str(tmp_path / "missing.pt"), "--background-model")
+
+
 def test_density_bounds_rescale_the_stored_reward_not_the_logged_one(videogpt_path, tmp_path):
     rm = td.load_videogpt(torch.load(videogpt_path, weights_only=False), "cpu")
     video = frames(6, 3)
