@@ -7,6 +7,7 @@ before #13's first change) beside the working tree's, builds both oracles at the
 jobs falls on both alike. Medians of CPU seconds per update, one thread.
 
     python bench/bench_history.py                 # ~1 min
+    python bench/bench_history.py --compile       # and today's with --compile (2-5 min of compiling first)
     python bench/bench_history.py --rev HEAD~5 --reps 30
 """
 import argparse
@@ -49,6 +50,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rev", default=PRE_ISSUE, help="git revision to compare the working tree with")
     p.add_argument("--reps", type=int, default=20, help="timed updates of each version (alternating)")
+    p.add_argument("--compile", action="store_true", help="also time today's update with --compile")
     a = p.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -62,22 +64,27 @@ def main():
         agents = {"then": old.Dreamer(old.Args(), act_dim, discrete)}  # its defaults were the oracle recipe
         torch.manual_seed(0)
         agents["now"] = td.Dreamer(td.Args(**td.preset("cpu", "task")), act_dim, discrete)
+        if a.compile:
+            torch.manual_seed(0)
+            agents["now, --compile"] = td.compile_update(td.Dreamer(td.Args(**td.preset("cpu", "task")), act_dim,
+                                                                    discrete))
     # the old oracle's reward head may read the env reward under another field name
     old_fields = {k: "task" for k in agents["then"].heads}
     cpu = {name: [] for name in agents}
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(batches):  # the first update of a compiled agent compiles: a warm-up
         for name, agent in agents.items():
             b = dict(batch, **{k: batch[v] for k, v in old_fields.items()}) if name == "then" else batch
             c = time.process_time()
             agent.train_step(b)
             if i >= 2:  # two warm-up updates each
                 cpu[name].append(time.process_time() - c)
-    then, now = statistics.median(cpu["then"]), statistics.median(cpu["now"])
+    then = statistics.median(cpu["then"])
     print(f"oracle update at the CPU recipe (4x32, size cpu), one thread, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, medians of {a.reps}:")
-    print(f"  {a.rev:<10} {1000 * then:8.1f} CPU ms")
-    print(f"  {'now':<10} {1000 * now:8.1f} CPU ms")
-    print(f"  speed-up  {then / now:8.2f}x")
+    print(f"  {a.rev:<16} {1000 * then:8.1f} CPU ms")
+    for name in list(agents)[1:]:
+        now = statistics.median(cpu[name])
+        print(f"  {name:<16} {1000 * now:8.1f} CPU ms   {then / now:.2f}x faster than {a.rev}")
 
 
 if __name__ == "__main__":
