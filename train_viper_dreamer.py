@@ -13,6 +13,7 @@ The algorithm, top to bottom:
    summed over the frame's codes, <= 0 (0 = as expert-like as it gets). Episode starts use the available
    prefix, so the reset frame gets log p(x_0). Stored as replay field `density`, never recomputed;
    `--density-bounds LO HI` stores clip((r_t - LO) / (HI - LO), 0, 1) instead (the official optional rescale).
+   `--background-model` (ours, off by default) subtracts a random-play video model's log p of the same frame.
 2. World model on replayed chunks: CNN encoder -> RSSM (GRU state h, 16|32 categoricals z with 1% unimix,
    straight-through samples) -> heads on [h, z]: decoder (MSE), `density` and (with a task reward) `task`
    as twohot over 255 symlog bins, continue flag; KL balancing 0.5 / 0.1 with 1 free nat.
@@ -188,8 +189,9 @@ class Args:
     the cores run other jobs too (two runs on 1 thread each do 1.36x the work of one run on 2)"""
     compile: bool = False
     """torch.compile the world-model loss and the imagination rollout (forward and backward): an oracle update
-    at the CPU recipe 1.27x faster (bench/bench_precision.py), after 2-5 min of compiling at the first update
-    (cached for later runs); needs a C++ compiler. Same random numbers as eager, floats differ by rounding"""
+    at the CPU recipe takes 0.75x the eager time, VIPER's 0.80x (bench/bench_precision.py), after 2-5 min of
+    compiling at the first update (cached for later runs); needs a C++ compiler. Same random numbers as eager,
+    floats differ by rounding"""
 
 
 # Model sizes: GRU units, dense units, CNN multiplier, MLP layers, latents, classes per latent.
