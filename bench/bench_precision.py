@@ -15,13 +15,15 @@ load of other jobs falls on all of them alike (medians of CPU seconds per update
 and, alone, the part bf16 helps most: the Plan2Explore ensemble's disagreement (forward and backward) over
 the imagined states of one update.
 
-    python bench/bench_precision.py                 # size cpu (the recipe); the first compile takes ~1.5 min
+    python bench/bench_precision.py                 # size cpu (the recipe); the first compile takes 2-5 min
     python bench/bench_precision.py S --reps 2 --no-compile   # size S: an update takes 8-45 CPU s here
     python bench/bench_precision.py --profile --no-compile    # also: where an fp32 oracle update spends its time
 
 Measured on an AMD EPYC with AVX512-BF16 (README, #13): at the recipe's size bf16 is slower than fp32
-(the convolutions have 8-64 channels and every layer adds casts) and compiling the RSSM steps saves nothing
-measurable; at size S bf16 is ~2x faster. The training script therefore stays fp32 on the CPU, with no compile.
+(the convolutions have 8-64 channels and every layer adds casts); at size S bf16 is ~2x faster, so the training
+script stays fp32 on the CPU. Compiling the RSSM steps alone saved nothing measurable; the compiled variant
+as `--compile` has it takes 0.75x the fp32 time (oracle) and 0.80x (VIPER with disagreement), 2026-12-08;
+`--compile` stays off by default (it needs a C++ compiler and minutes of compiling; README).
 """
 import argparse
 import os
@@ -67,7 +69,7 @@ def main():
     parser.add_argument("size", nargs="?", default="cpu", choices=sorted(td.SIZES))
     parser.add_argument("--reps", type=int, default=10, help="timed updates per variant")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant (its compile "
-                                                                   "takes 1-2 min per agent)")
+                                                                   "takes 1-4 min per agent)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table of 5 fp32 oracle "
                                                                 "updates: where the CPU time goes")
     a = parser.parse_args()

@@ -30,9 +30,13 @@ def maps_and_rewards(rm, frames, task, max_steps):
     first = (rm.seq_len - 1) * rm.frame_skip
     steps = np.arange(first, min(len(frames), max_steps + 1))
     maps = ev.token_log_probs(rm, frames, "atari_pong", steps)
+    return maps, maps.sum((1, 2)), after_point(task, steps)
+
+
+def after_point(task, steps):
+    """[len(steps)] bool: was a point scored within the AFTER_POINT steps before each step (game reward task)."""
     point = np.flatnonzero(task != 0) + 1  # task[i] is the reward of arriving at frame i + 1
-    after = np.array([np.any((t - point >= 0) & (t - point < AFTER_POINT)) for t in steps])
-    return maps, maps.sum((1, 2)), after
+    return np.array([np.any((t - point >= 0) & (t - point < AFTER_POINT)) for t in steps])
 
 
 def main(out, model, run, n_agent=2, n_expert=2, max_steps=800):

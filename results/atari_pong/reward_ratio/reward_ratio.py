@@ -27,9 +27,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "reward_map")))
 import eval as ev  # noqa: E402  (load_reward_model, replay_episodes, load_episode, spearman)
-
-AFTER_POINT = 12  # steps after a point during which the frame shows the reset and the serve (as reward_map.py)
+from reward_map import AFTER_POINT, after_point  # noqa: E402  (the same split of steps as the reward map)
 
 
 def score(models, frames, task, max_steps):
@@ -41,9 +41,7 @@ def score(models, frames, task, max_steps):
     steps = np.arange(first, min(len(frames), max_steps + 1))
     clip = torch.from_numpy(np.ascontiguousarray(frames[: steps[-1] + 1]))[None]
     out = {k: m.compute_rewards(clip, "atari_pong")[0, first:].numpy() for k, m in models.items()}  # as the agent
-    point = np.flatnonzero(task != 0) + 1  # task[i] is the reward of arriving at frame i + 1
-    after = np.array([np.any((t - point >= 0) & (t - point < AFTER_POINT)) for t in steps])
-    return out, after, float(task[: steps[-1]].sum())
+    return out, after_point(task, steps), float(task[: steps[-1]].sum())
 
 
 def summarise(per_step, after):
